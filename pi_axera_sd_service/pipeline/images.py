@@ -1,0 +1,193 @@
+"""Image handling: decode and resize init images, latent tensor <-> PIL, encode with infotext.
+
+Post-processing matches diffusers `VaeImageProcessor`; resize modes match A1111 `resize_image`;
+infotext is stored where A1111 puts it (PNG `parameters` text chunk, EXIF UserComment otherwise).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+EXIF_IFD_POINTER = 0x8769
+EXIF_USER_COMMENT = 0x9286
+_UNICODE_PREFIX = b"UNICODE\x00"
+_ASCII_PREFIX = b"ASCII\x00\x00\x00"
+_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_BACKGROUND = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """An init image that cannot or must not be decoded."""
+
+
+def decode_image_b64(data: str, max_pixels: int) -> Image.Image:
+    """Base64 (raw or `data:image/...;base64,` URI) PNG/JPEG/WEBP -> RGB image, EXIF orientation applied.
+
+    The pixel count is checked from the header before the pixels are decoded.
+    """
+    text = _DATA_URI.sub("", "".join(data.split()))
+    if not text:
+        raise ImageDecodeError("empty image data")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageDecodeError(f"invalid base64 image data: {exc}") from exc
+    return decode_image_bytes(raw, max_pixels)
+
+
+def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
+    """PNG/JPEG/WEBP bytes -> RGB image (see `decode_image_b64`)."""
+    try:
+        img = Image.open(io.BytesIO(raw), formats=ACCEPTED_FORMATS)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        accepted = ", ".join(ACCEPTED_FORMATS)
+        raise ImageDecodeError(f"cannot decode image (accepted: {accepted}): {exc}") from exc
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels "
+            "(setting max_init_image_pixels)"
+        )
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _flatten_to_rgb(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+
+
+def _flatten_to_rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparent areas become white (A1111's default img2img background)."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_image(img: Image.Image, mode: int, width: int, height: int) -> Image.Image:
+    """A1111 resize: 0 stretch, 1 crop and resize (cover + centre crop), 2 resize and fill (edges stretched).
+
+    Other modes are treated as 0.
+    """
+    img = img.convert("RGB")
+    if mode not in (1, 2) or img.size == (width, height):
+        return img.resize((width, height), Image.Resampling.LANCZOS)
+    target_ratio = width / height
+    source_ratio = img.width / img.height
+    wide_target = target_ratio > source_ratio
+    if mode == 1:  # cover the target, then centre-crop
+        new_w = width if wide_target else img.width * height // img.height
+        new_h = img.height * width // img.width if wide_target else height
+    else:  # fit inside the target
+        new_w = img.width * height // img.height if wide_target else width
+        new_h = height if wide_target else img.height * width // img.width
+    resized = img.resize((max(new_w, 1), max(new_h, 1)), Image.Resampling.LANCZOS)
+    left, top = width // 2 - resized.width // 2, height // 2 - resized.height // 2
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(resized, (left, top))
+    if mode == 2:
+        _fill_with_edges(canvas, resized, left, top)
+    return canvas
+
+
+def _fill_with_edges(canvas: Image.Image, resized: Image.Image, left: int, top: int) -> None:
+    """Fill the gaps around a fitted image by stretching its outermost rows/columns."""
+    w, h = resized.size
+    right_gap = canvas.width - left - w
+    bottom_gap = canvas.height - top - h
+    if top > 0:
+        canvas.paste(resized.crop((0, 0, w, 1)).resize((w, top)), (left, 0))
+    if bottom_gap > 0:
+        canvas.paste(resized.crop((0, h - 1, w, h)).resize((w, bottom_gap)), (left, top + h))
+    if left > 0:
+        canvas.paste(resized.crop((0, 0, 1, h)).resize((left, h)), (0, top))
+    if right_gap > 0:
+        canvas.paste(resized.crop((w - 1, 0, w, h)).resize((right_gap, h)), (left + w, top))
+
+
+def image_to_nchw(img: Image.Image) -> np.ndarray:
+    """RGB image -> float32 [1, 3, H, W] in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)[None])
+
+
+def nchw_to_image(x: np.ndarray) -> Image.Image:
+    """VAE output [1, C, H, W] (≈[-1, 1]) -> RGB image, as diffusers `VaeImageProcessor`."""
+    chw = np.asarray(x, dtype=np.float32)[0, :3]
+    pixels = np.round(np.clip(chw / 2 + 0.5, 0.0, 1.0) * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+
+
+def encode_image(
+    img: Image.Image,
+    fmt: str = "png",
+    infotext: str | None = None,
+    jpeg_quality: int = 80,
+    png_compress_level: int = 1,
+) -> bytes:
+    """Encode as png/jpeg/webp; the infotext goes into PNG `parameters` or EXIF UserComment."""
+    fmt = fmt.lower()
+    buf = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        if infotext:
+            info.add_text("parameters", infotext)
+        img.save(buf, format="PNG", pnginfo=info, compress_level=png_compress_level)
+    elif fmt in ("jpeg", "jpg", "webp"):
+        kwargs: dict = {"quality": jpeg_quality}
+        if infotext:
+            kwargs["exif"] = _exif_with_comment(infotext)
+        rgb = img.convert("RGB")
+        if fmt == "webp":
+            rgb.save(buf, format="WEBP", **kwargs)
+        else:
+            rgb.save(buf, format="JPEG", **kwargs)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r} (png, jpeg, webp)")
+    return buf.getvalue()
+
+
+def _exif_with_comment(text: str) -> bytes:
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD_POINTER)[EXIF_USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def read_infotext(image_bytes: bytes) -> str:
+    """Infotext stored in an image (PNG `parameters`, EXIF UserComment, JPEG comment); "" when none."""
+    try:
+        img = Image.open(io.BytesIO(image_bytes))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot read image: {exc}") from exc
+    params = img.info.get("parameters")
+    if isinstance(params, str) and params:
+        return params
+    comment = img.getexif().get_ifd(EXIF_IFD_POINTER).get(EXIF_USER_COMMENT)
+    if comment:
+        return _decode_user_comment(comment)
+    jpeg_comment = img.info.get("comment")
+    if isinstance(jpeg_comment, bytes):
+        return jpeg_comment.decode("utf-8", errors="ignore")
+    return jpeg_comment or ""
+
+
+def _decode_user_comment(value: bytes | str) -> str:
+    """EXIF UserComment: 8-byte charset prefix + payload (UNICODE is UTF-16, normally big-endian)."""
+    if isinstance(value, str):
+        return value
+    prefix, payload = value[:8], value[8:]
+    if prefix == _UNICODE_PREFIX:
+        # ASCII-heavy text has its zero bytes first in big-endian; fall back to little-endian if not.
+        little = payload[1::2].count(0) > payload[0::2].count(0)
+        return payload.decode("utf-16-le" if little else "utf-16-be", errors="ignore").rstrip("\x00")
+    if prefix in (_ASCII_PREFIX, b"\x00" * 8):
+        return payload.decode("ascii", errors="ignore").rstrip("\x00")
+    return value.decode("utf-8", errors="ignore").rstrip("\x00")

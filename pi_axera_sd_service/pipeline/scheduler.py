@@ -1,0 +1,87 @@
+"""LCM scheduler math in numpy (diffusers `LCMScheduler.step`, done by hand; pipeline.md §3).
+
+Only the four timesteps the compiled UNet has time-embedding rows for exist: (999, 759, 499, 259).
+Everything is float32, as the NPU sessions require.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+TIMESTEPS: tuple[int, ...] = (999, 759, 499, 259)
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START = 0.00085
+BETA_END = 0.012
+TIMESTEP_SCALING = 10.0
+SIGMA_DATA = 0.5
+VAE_SCALING_FACTOR = 0.18215
+
+_TXT2IMG_SCHEDULES: dict[int, tuple[int, ...]] = {
+    1: (999,),
+    2: (999, 499),
+    3: (999, 759, 259),
+    4: TIMESTEPS,
+}
+
+
+@lru_cache(maxsize=1)
+def _alphas_cumprod() -> np.ndarray:
+    betas = np.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=np.float32) ** 2
+    acp = np.cumprod(1.0 - betas, dtype=np.float32)
+    acp.setflags(write=False)
+    return acp
+
+
+def alphas_cumprod() -> np.ndarray:
+    """ᾱ_t for t = 0..999 (float32, scaled_linear betas, read-only)."""
+    return _alphas_cumprod()
+
+
+def boundary_scalings(t: int) -> tuple[float, float]:
+    """(c_skip, c_out) of the LCM boundary condition at timestep `t` (σ_data 0.5, scaling 10)."""
+    scaled = TIMESTEP_SCALING * float(t)
+    denom = scaled**2 + SIGMA_DATA**2
+    return SIGMA_DATA**2 / denom, scaled / denom**0.5
+
+
+def txt2img_timesteps(steps: int) -> list[int]:
+    """Timesteps for 1..4 steps (the caller clamps `steps`)."""
+    if steps not in _TXT2IMG_SCHEDULES:
+        raise ValueError(f"steps must be 1..4, got {steps}")
+    return list(_TXT2IMG_SCHEDULES[steps])
+
+
+def img2img_timesteps(strength: float, n: int = 4) -> list[int]:
+    """The last clamp(round(strength*n), 1, n) timesteps of the n-step schedule (halves round up)."""
+    full = txt2img_timesteps(n)
+    count = min(max(math.floor(strength * n + 0.5), 1), n)
+    return full[n - count :]
+
+
+def add_noise(z0: np.ndarray, noise: np.ndarray, t: int) -> np.ndarray:
+    """Forward diffusion to timestep `t`: √ᾱ·z0 + √(1−ᾱ)·noise (float32)."""
+    a = _alphas_cumprod()[t]
+    return (np.sqrt(a) * z0 + np.sqrt(np.float32(1.0) - a) * noise).astype(np.float32)
+
+
+def lcm_step(
+    eps: np.ndarray, x: np.ndarray, t: int, t_prev: int | None, noise: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One LCM step. Returns (x_next, denoised).
+
+    `t_prev` is the next timestep of the run schedule; `noise` is None on the last step, where
+    x_next is the denoised latent itself.
+    """
+    acp = _alphas_cumprod()
+    a = acp[t]
+    x0 = (x - np.sqrt(np.float32(1.0) - a) * eps) / np.sqrt(a)
+    c_skip, c_out = boundary_scalings(t)
+    denoised = (np.float32(c_out) * x0 + np.float32(c_skip) * x).astype(np.float32)
+    if noise is None or t_prev is None:
+        return denoised, denoised
+    a_prev = acp[t_prev]
+    x_next = np.sqrt(a_prev) * denoised + np.sqrt(np.float32(1.0) - a_prev) * noise
+    return x_next.astype(np.float32), denoised
