@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -86,3 +86,21 @@ def settings_from_cli(overrides: dict[str, Any]) -> Settings:
     """Environment first, then CLI values (only the ones given) on top."""
     given = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**given)
+
+
+class SettingFlag(NamedTuple):
+    """One Settings field as the CLI and the docs show it."""
+
+    field: str
+    flag: str
+    env: str
+    default: Any
+    description: str
+
+
+def settings_flags() -> list[SettingFlag]:
+    """Every Settings field with its `--flag`, environment name, default and description."""
+    return [
+        SettingFlag(name, cli_flag(name), env_name(name), info.default, info.description or "")
+        for name, info in Settings.model_fields.items()
+    ]
