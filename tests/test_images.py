@@ -1,0 +1,162 @@
+"""Init-image decoding and resizing, tensor <-> image conversion, infotext in encoded images."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from pi_axera_sd_service.pipeline.images import (
+    ImageDecodeError,
+    decode_image_b64,
+    encode_image,
+    image_to_nchw,
+    nchw_to_image,
+    read_infotext,
+    resize_image,
+)
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def _png_b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _banded(size: tuple[int, int], horizontal: bool) -> Image.Image:
+    """Red image whose first 10 rows (or columns) are green and last 10 blue."""
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[:] = RED
+    if horizontal:
+        arr[:10], arr[-10:] = GREEN, BLUE
+    else:
+        arr[:, :10], arr[:, -10:] = GREEN, BLUE
+    return Image.fromarray(arr)
+
+
+def _is_colour(pixels: np.ndarray, colour: tuple[int, int, int]) -> bool:
+    return bool(np.all(np.abs(pixels.astype(int) - np.array(colour)) < 40))
+
+
+def test_decode_accepts_raw_base64_and_data_uri_with_whitespace():
+    img = Image.new("RGB", (8, 6), (10, 20, 30))
+    b64 = _png_b64(img)
+    wrapped = "\n".join(b64[i : i + 20] for i in range(0, len(b64), 20))
+    for text in (b64, f"data:image/png;base64,{wrapped}", b64.rstrip("=")):
+        out = decode_image_b64(text, max_pixels=1000)
+        assert out.mode == "RGB" and out.size == (8, 6)
+        assert out.getpixel((3, 3)) == (10, 20, 30)
+
+
+@pytest.mark.parametrize("payload", ["not base64 at all!", base64.b64encode(b"plain text").decode(), ""])
+def test_undecodable_data_raises_image_decode_error(payload):
+    with pytest.raises(ImageDecodeError):
+        decode_image_b64(payload, max_pixels=1000)
+
+
+def test_formats_outside_png_jpeg_webp_are_refused():
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="GIF")
+    with pytest.raises(ImageDecodeError, match="PNG"):
+        decode_image_b64(base64.b64encode(buf.getvalue()).decode(), max_pixels=1000)
+
+
+def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
+    b64 = _png_b64(Image.new("RGB", (100, 100)))
+
+    def must_not_decode(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", must_not_decode)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image_b64(b64, max_pixels=5000)
+    assert "5000" in str(err.value) and "max_init_image_pixels" in str(err.value)
+
+
+def test_exif_orientation_is_applied():
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20], arr[:, 20:] = RED, BLUE  # left red, right blue as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90° clockwise turn
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    out = decode_image_b64(base64.b64encode(buf.getvalue()).decode(), max_pixels=10_000)
+    assert out.size == (20, 40)
+    pixels = np.asarray(out)
+    assert _is_colour(pixels[5], RED) and _is_colour(pixels[-5], BLUE)
+
+
+def test_transparent_areas_become_white():
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    out = decode_image_b64(_png_b64(img), max_pixels=100)
+    assert out.getpixel((1, 1)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(("src_size", "horizontal"), [((100, 50), True), ((50, 100), False)])
+def test_resize_and_fill_stretches_edges_instead_of_black(src_size, horizontal):
+    out = np.asarray(resize_image(_banded(src_size, horizontal), 2, 64, 64))
+    assert out.shape == (64, 64, 3)
+    if not horizontal:
+        out = out.transpose(1, 0, 2)
+    # the fitted image covers rows 16..47; the gaps repeat its green first and blue last rows
+    assert _is_colour(out[:14, 2:-2], GREEN)
+    assert _is_colour(out[-14:, 2:-2], BLUE)
+    assert _is_colour(out[28:36, 2:-2], RED)
+    assert not np.any(np.all(out < 20, axis=2))
+
+
+def test_crop_and_resize_cuts_the_sides_off():
+    out = np.asarray(resize_image(_banded((100, 50), horizontal=False), 1, 64, 64))
+    assert out.shape == (64, 64, 3)
+    assert _is_colour(out[:, 3:-3], RED)  # green/blue side bands were cropped away
+
+
+def test_just_resize_stretches_everything():
+    out = resize_image(_banded((100, 50), horizontal=False), 0, 64, 32)
+    arr = np.asarray(out)
+    assert out.size == (64, 32)
+    assert _is_colour(arr[:, 1], GREEN) and _is_colour(arr[:, -2], BLUE)
+
+
+def test_tensor_image_round_trip_and_postprocessing():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    nchw = image_to_nchw(img)
+    assert nchw.shape == (1, 3, 16, 24) and nchw.dtype == np.float32
+    assert nchw.min() >= -1.0 and nchw.max() <= 1.0
+    assert np.array_equal(np.asarray(nchw_to_image(nchw)), np.asarray(img))
+    # diffusers VaeImageProcessor: clip(x/2+0.5)·255, rounded
+    values = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0], np.float32).reshape(1, 1, 1, 6)
+    out = np.asarray(nchw_to_image(np.repeat(values, 3, axis=1)))
+    assert out[0, :, 0].tolist() == [0, 0, 128, 191, 255, 255]
+
+
+INFOTEXT = "a cat, ünïcode 猫\nNegative prompt: dog\nSteps: 4, Sampler: LCM, CFG scale: 1, Seed: 42"
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_infotext_round_trip(fmt):
+    img = Image.new("RGB", (16, 16), (1, 2, 3))
+    data = encode_image(img, fmt, INFOTEXT)
+    assert Image.open(io.BytesIO(data)).format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
+    assert read_infotext(data) == INFOTEXT
+    assert read_infotext(encode_image(img, fmt, None)) == ""
+
+
+def test_png_is_lossless_and_compress_level_matters():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    fast = encode_image(img, "png", None, png_compress_level=0)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(fast))), np.asarray(img))
+    smooth = Image.new("RGB", (64, 64), (9, 9, 9))
+    assert len(encode_image(smooth, "png", None, png_compress_level=9)) < len(
+        encode_image(smooth, "png", None, png_compress_level=0)
+    )
+
+
+def test_unknown_output_format_is_refused():
+    with pytest.raises(ValueError):
+        encode_image(Image.new("RGB", (4, 4)), "bmp", None)
