@@ -1,0 +1,7 @@
+"""`python -m pi_axera_sd_service ...`: the same CLI as `pi-axera-sd`."""
+
+import sys
+
+from pi_axera_sd_service.pi_axera_sd_generator import main
+
+sys.exit(main())
