@@ -1,0 +1,131 @@
+"""CLIP BPE tokenizer read from a standard `vocab.json` + `merges.txt` folder.
+
+Configured like the CLIP tokenizer SD 1.5 uses: NFC + whitespace collapse + lowercase, the CLIP
+word regex, byte-level alphabet, BPE with the end-of-word suffix `</w>`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+CLIP_WORD_PATTERN = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+END_OF_WORD = "</w>"
+DEFAULT_BOS = "<|startoftext|>"
+DEFAULT_EOS = "<|endoftext|>"
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable character table (the byte-level alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _token_name(config: dict, key: str, default: str) -> str:
+    value = config.get(key, default)
+    if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
+        value = value.get("content", default)
+    return value if isinstance(value, str) else default
+
+
+class ClipTokenizer:
+    """CLIP tokenizer: `encode` gives ids without special tokens; `bos_id`/`eos_id`/`pad_id` wrap them."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]],
+                 bos_token: str = DEFAULT_BOS, eos_token: str = DEFAULT_EOS,
+                 pad_token: str | None = None, max_length: int = 77):
+        for name in (bos_token, eos_token):
+            if name not in vocab:
+                raise ValueError(f"tokenizer vocab has no special token {name!r}")
+        pad_token = pad_token or eos_token
+        if pad_token not in vocab:
+            raise ValueError(f"tokenizer vocab has no pad token {pad_token!r}")
+        self.bos_id = vocab[bos_token]
+        self.eos_id = vocab[eos_token]
+        self.pad_id = vocab[pad_token]  # SD1: the EOS token
+        self.max_length = max_length
+        self.vocab_size = len(vocab)
+        self._id_to_token = {i: t for t, i in vocab.items()}
+        self._byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
+        self._tokenizer = self._build(vocab, merges, eos_token, [bos_token, eos_token])
+
+    @staticmethod
+    def _build(vocab: dict[str, int], merges: list[tuple[str, str]], unk: str,
+               specials: list[str]) -> Tokenizer:
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=unk,
+                           continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD)
+        tokenizer = Tokenizer(model)
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            # keep the regex matches, drop what lies between them (whitespace)
+            pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tokenizer.decoder = decoders.BPEDecoder(suffix=END_OF_WORD)
+        tokenizer.add_special_tokens(specials)
+        return tokenizer
+
+    @classmethod
+    def from_dir(cls, folder: Path | str) -> ClipTokenizer:
+        """Read `vocab.json`, `merges.txt` and (optional) `tokenizer_config.json` from `folder`."""
+        folder = Path(folder)
+        vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+        for path in (vocab_path, merges_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"tokenizer file missing: {path}")
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        merges = read_merges(merges_path)
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        max_length = config.get("model_max_length", 77)
+        if not isinstance(max_length, int) or not 2 < max_length <= 4096:
+            max_length = 77
+        eos = _token_name(config, "eos_token", DEFAULT_EOS)
+        return cls(vocab, merges,
+                   bos_token=_token_name(config, "bos_token", DEFAULT_BOS),
+                   eos_token=eos,
+                   pad_token=_token_name(config, "pad_token", eos),
+                   max_length=max_length)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`: tokens joined, `</w>` becomes a space, byte-level characters decoded."""
+        joined = "".join(self._id_to_token.get(int(i), "") for i in ids)
+        raw = bytearray()
+        for word in joined.split(END_OF_WORD):
+            for char in word:
+                byte = self._byte_of_char.get(char)
+                raw.extend(char.encode("utf-8") if byte is None else bytes([byte]))
+            raw.extend(b" ")
+        return raw.decode("utf-8", errors="replace")[:-1].strip()
+
+
+def read_merges(path: Path) -> list[tuple[str, str]]:
+    """Merge pairs from a CLIP `merges.txt` (a `#version` header line is skipped)."""
+    pairs: list[tuple[str, str]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#version"):
+            continue
+        left, _, right = line.strip().partition(" ")
+        if right:
+            pairs.append((left, right))
+    return pairs

@@ -1,0 +1,92 @@
+"""ClipTokenizer on a tiny CLIP-format vocabulary written in the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer, bytes_to_unicode
+
+MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o")]
+
+
+def write_clip_tokenizer(folder: Path, config: dict | None = None) -> dict[str, int]:
+    """256 byte characters, their `</w>` forms, a few merges, then the two specials (last)."""
+    chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in MERGES]:
+        vocab[token] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    merges_text = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in MERGES) + "\n"
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return vocab
+
+
+@pytest.fixture()
+def tokenizer_and_vocab(tmp_path: Path) -> tuple[ClipTokenizer, dict[str, int]]:
+    vocab = write_clip_tokenizer(tmp_path / "tokenizer")
+    return ClipTokenizer.from_dir(tmp_path / "tokenizer"), vocab
+
+
+def test_special_ids_come_from_the_vocab(tokenizer_and_vocab):
+    tokenizer, vocab = tokenizer_and_vocab
+    assert tokenizer.bos_id == vocab["<|startoftext|>"]
+    assert tokenizer.eos_id == vocab["<|endoftext|>"]
+    assert tokenizer.pad_id == tokenizer.eos_id  # SD1 pads with EOS
+    assert tokenizer.max_length == 77
+
+
+def test_words_use_merges_and_end_of_word_suffix(tokenizer_and_vocab):
+    tokenizer, vocab = tokenizer_and_vocab
+    assert tokenizer.encode("cat dog") == [vocab["cat</w>"], vocab["dog</w>"]]
+    # "cats" does not end in "t</w>", so only the ("c","a") merge applies
+    assert tokenizer.encode("cats") == [vocab["ca"], vocab["t"], vocab["s</w>"]]
+
+
+def test_lowercase_whitespace_and_no_special_tokens(tokenizer_and_vocab):
+    tokenizer, vocab = tokenizer_and_vocab
+    ids = tokenizer.encode("  A \n\t Cat  ")
+    assert ids == [vocab["a</w>"], vocab["cat</w>"]]
+    assert tokenizer.bos_id not in ids and tokenizer.eos_id not in ids
+
+
+def test_clip_regex_splits_digits_punctuation_and_contractions(tokenizer_and_vocab):
+    tokenizer, vocab = tokenizer_and_vocab
+    ids = tokenizer.encode("dog's 42!!")
+    tokens = [vocab_key(vocab, i) for i in ids]
+    assert tokens == ["dog</w>", "'", "s</w>", "4</w>", "2</w>", "!", "!</w>"]
+
+
+def test_non_ascii_round_trips_through_byte_level(tokenizer_and_vocab):
+    tokenizer, _ = tokenizer_and_vocab
+    for text in ["café photo", "日本の猫", "a cat"]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_decode_turns_end_of_word_into_spaces(tokenizer_and_vocab):
+    tokenizer, vocab = tokenizer_and_vocab
+    assert tokenizer.decode([vocab["a</w>"], vocab["cat</w>"], vocab["pho"], vocab["t"], vocab["o</w>"]]) == (
+        "a cat photo"
+    )
+
+
+def test_config_can_name_another_pad_token(tmp_path: Path):
+    vocab = write_clip_tokenizer(tmp_path, {"pad_token": "!", "model_max_length": 77})
+    tokenizer = ClipTokenizer.from_dir(tmp_path)
+    assert tokenizer.pad_id == vocab["!"] != tokenizer.eos_id
+
+
+def test_missing_files_are_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        ClipTokenizer.from_dir(tmp_path)
+
+
+def vocab_key(vocab: dict[str, int], token_id: int) -> str:
+    return next(token for token, i in vocab.items() if i == token_id)
