@@ -21,7 +21,7 @@ import secrets  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
 import typing  # noqa: E402
-from collections.abc import Iterable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterable, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -131,6 +131,39 @@ def with_demo_fallback(settings: Settings) -> Settings:
     return settings
 
 
+UPSTREAM_BACKENDS = {"axe": "axengine", "onnx": "onnxruntime"}
+
+
+def upstream_settings(args: argparse.Namespace) -> Settings:
+    """Settings for python/run_*.py: their upstream flags, `./models` for files not given, env for the rest.
+
+    The package needs the 4-row `time_input_txt2img.npy`; an upstream `time_input_img2img.npy` (rows
+    for 499 and 259, then zeros) is replaced by the txt2img file next to it.
+    """
+    time_input = Path(args.time_input) if args.time_input else None
+    if time_input is not None and time_input.name == "time_input_img2img.npy":
+        time_input = time_input.with_name("time_input_txt2img.npy")
+        print(f"note: using {time_input} (all four time rows), not time_input_img2img.npy", file=sys.stderr)
+
+    def path(name: str) -> Path | None:
+        value = getattr(args, name, None)
+        return Path(value) if value else None
+
+    try:
+        return Settings(
+            model_dir=Path("./models"),
+            text_model_dir=path("text_model_dir"),
+            unet_model=path("unet_model"),
+            vae_decoder_model=path("vae_decoder_model"),
+            vae_encoder_model=path("vae_encoder_model"),
+            time_input_txt2img=time_input,
+            backend=UPSTREAM_BACKENDS.get(args.backend, args.backend),
+            demo=bool(args.demo),
+        )
+    except ValidationError as exc:
+        raise CliError(f"invalid settings: {exc.errors()[0]['msg']}") from None
+
+
 @dataclass
 class GenerateResult:
     """What a one-shot generation reports."""
@@ -231,8 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP service (demo pack when nothing is configured and ./models is empty)."""
     from pi_axera_sd_service.api.server import run_server
 
-    settings = settings_from_args(args)
-    _setup_logging(settings.log_level)
+    settings = settings_from_args(args)  # logging is configured by the server (LOG_JSON, LOG_LEVEL)
     return int(run_server(with_demo_fallback(settings)) or 0)
 
 
@@ -335,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str) -> None:
+    """Plain logging for the one-shot commands (the server configures its own)."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=level.upper() if isinstance(level, str) else level,
+        logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -349,19 +382,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], func=cmd_install_service, deploy_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: args.func(args))
+
+
+def run_reporting_errors(func: Callable[[], int], prog: str = PROG) -> int:
+    """Run `func`; user errors become one line on stderr and exit status 1 (no traceback)."""
     from pi_axera_sd_service.pipeline.images import ImageDecodeError
     from pi_axera_sd_service.pipeline.stages import StageError
     from pi_axera_sd_service.runtime.session import FeedError, ModelLoadError
 
     try:
-        return args.func(args)
+        return func()
     except (CliError, ModelLoadError, ImageDecodeError, StageError, FeedError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
     except ImportError as exc:
-        print(f"{PROG}: error: {exc} (is the package installed? run scripts/install.sh)", file=sys.stderr)
+        print(f"{prog}: error: {exc} (is the package installed? run scripts/install.sh)", file=sys.stderr)
     except OSError as exc:
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"{PROG}: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        where = f" {exc.filename}:" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: error:{where} {exc.strerror or exc}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return 1
