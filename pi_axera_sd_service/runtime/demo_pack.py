@@ -1,0 +1,428 @@
+"""The demo model pack: small real ONNX graphs with the exact SD1.5-LCM I/O contract, made in seconds.
+
+Layout (upstream): `tokenizer/` (CLIP byte-level BPE), `text_encoder/sd15_text_encoder_sim.onnx`,
+`unet.onnx`, `vae_decoder.onnx`, `vae_encoder.onnx`, `time_input_txt2img.npy`.
+
+The graphs are toys that behave like the real thing where a user would notice:
+- text encoder: token + position embeddings, causal mixing, LayerNorm -> [1,77,768];
+- UNet: a denoiser whose clean-image guess is a prompt-chosen mix of colourful patterns (per-token
+  weighted, so emphasis matters) plus the low frequencies of the noisy sample (so seeds and init images
+  matter); it reads sqrt(alpha_bar) off the time row, so with the LCM math the predicted x0 is that guess;
+- VAE decoder: 1x1 conv, tanh, smooth x8 upsampling; VAE encoder: its approximate inverse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+PACK_VERSION = 1
+OPSET = 17
+SEED = 20240615
+TIMESTEPS = (999, 759, 499, 259)
+LATENT_HW = 64
+CONTEXT_LEN, CONTEXT_DIM, TIME_DIM = 77, 768, 1280
+VAE_SCALE = 0.18215
+N_MERGES = 480
+N_PATTERNS = 32
+UNET_TIME_INPUT = "/down_blocks.0/resnets.0/act_1/Mul_output_0"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+_WORD_TEXT = """
+a an the of and with in on at by for from to into over under near behind above below beside
+portrait landscape painting photo photograph illustration drawing sketch render artwork poster
+cat cats dog dogs bird birds horse fox wolf owl fish dragon lion tiger bear rabbit butterfly
+girl boy woman man child people person knight wizard robot astronaut king queen warrior
+mountain mountains forest tree trees river lake ocean sea beach island desert valley hill field
+city street castle house village tower bridge garden temple ruins spaceship car train boat ship
+sky cloud clouds sun sunset sunrise moon star stars night day morning evening rain snow storm fog
+red blue green yellow orange purple pink black white golden silver brown gray colorful dark bright
+beautiful pretty cute old young happy sad tiny huge giant small large tall ancient modern futuristic
+detailed highly intricate realistic photorealistic cinematic dramatic soft sharp vivid epic magical
+lighting light shadow shadows glow neon fire water ice stone wood metal glass crystal flower flowers
+style art digital oil watercolor acoustic anime cartoon fantasy science fiction surreal abstract
+masterpiece quality best trending artstation unreal engine octane studio focus depth bokeh lens
+wide angle close up view scene background foreground texture pattern colors color warm cold
+standing sitting running flying swimming walking looking smiling reading playing dancing sleeping
+hat dress coat armor sword shield crown book lamp window door chair table cup bottle clock mirror
+"""
+WORDS = _WORD_TEXT.split()  # the BPE merges are learned from these
+
+
+# --- tokenizer: CLIP-format byte-level BPE -------------------------------------------------------
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """The CLIP/GPT-2 byte-to-printable-character table (256 entries, in vocab order)."""
+    ranges = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
+    printable = [b for first, last in ranges for b in range(ord(first), ord(last) + 1)]
+    table = {b: chr(b) for b in printable}  # printable bytes map to themselves, listed first
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return table
+
+
+def learn_bpe(words: list[str], n_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE over `words` (end-of-word marked `</w>`); ties go to the first pair seen."""
+    encode = byte_to_unicode()
+    corpus = Counter(
+        tuple(encode[b] for b in w.encode("utf-8"))[:-1] + (encode[w.encode("utf-8")[-1]] + "</w>",)
+        for w in words
+    )
+    merges: list[tuple[str, str]] = []
+    for _ in range(n_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in corpus.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda item: item[1])[0]  # Counter keeps first-seen order on ties
+        merges.append(best)
+        corpus = Counter({_merge(symbols, best): count for symbols, count in corpus.items()})
+    return merges
+
+
+def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
+
+
+def write_tokenizer(folder: Path) -> int:
+    """Write vocab.json, merges.txt and the two JSON configs; returns the vocabulary size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = list(byte_to_unicode().values())
+    merges = learn_bpe(WORDS, N_MERGES)
+    tokens = base + [c + "</w>" for c in base] + ["".join(pair) for pair in merges] + [BOS, EOS]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
+    config = {
+        **special,
+        "tokenizer_class": "CLIPTokenizer",
+        "do_lower_case": True,
+        "model_max_length": CONTEXT_LEN,
+        "errors": "replace",
+        "add_prefix_space": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    return len(vocab)
+
+
+# --- graph building ------------------------------------------------------------------------------
+
+
+class _Graph:
+    """A few helpers over onnx.helper so each model reads as a list of ops."""
+
+    def __init__(self) -> None:
+        import onnx  # imported here: only the CPU/demo path needs it
+
+        self.onnx = onnx
+        self.nodes: list = []
+        self.initializers: list = []
+        self._count = 0
+
+    def const(self, array: np.ndarray, name: str | None = None) -> str:
+        name = name or f"const_{len(self.initializers)}"
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: object) -> str:
+        self._count += 1
+        out = out or f"{op_type.lower()}_{self._count}"
+        self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def model(
+        self, name: str, inputs: list[tuple[str, int, list[int]]], outputs: list[tuple[str, list[int]]]
+    ):
+        helper, tp = self.onnx.helper, self.onnx.TensorProto
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info(n, dtype, shape) for n, dtype, shape in inputs],
+            [helper.make_tensor_value_info(n, tp.FLOAT, shape) for n, shape in outputs],
+            self.initializers,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="pi_axera_sd_service demo pack",
+        )
+        model.ir_version = 8
+        self.onnx.checker.check_model(model)
+        return model
+
+
+def _f32(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, dtype=np.float32)
+
+
+def alphas_cumprod() -> np.ndarray:
+    """SD1.5 scaled-linear schedule (float32, 1000 values)."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float32) ** 2
+    return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
+def time_rows() -> np.ndarray:
+    """float32 [4,1280]: SiLU of the sinusoidal embedding (cos first) of each of TIMESTEPS."""
+    half = TIME_DIM // 2
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / half)
+    angles = np.asarray(TIMESTEPS, dtype=np.float64)[:, None] * freqs[None, :]
+    emb = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
+    return _f32(emb / (1.0 + np.exp(-emb)))
+
+
+def _causal_mean() -> np.ndarray:
+    return _f32(np.tril(np.ones((CONTEXT_LEN, CONTEXT_LEN))) / np.arange(1, CONTEXT_LEN + 1)[:, None])
+
+
+def _encode_in_numpy(ids: np.ndarray, token_table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The text encoder's arithmetic in numpy ([77] ids -> [77,768]), for reference vectors."""
+    hidden = token_table[ids % len(token_table)] + positions
+    hidden = np.tanh(hidden) + _causal_mean() @ hidden
+    centred = hidden - hidden.mean(-1, keepdims=True)
+    return centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5)
+
+
+def _text_encoder(vocab_size: int, token_table: np.ndarray, positions: np.ndarray):
+    g = _Graph()
+    ids = g.op("Mod", "input_ids", g.const(np.array(vocab_size, dtype=np.int64)))
+    tokens = g.op("Gather", g.const(token_table), ids, axis=0)
+    hidden = g.op("Add", tokens, g.const(positions))
+    mixed = g.op("MatMul", g.const(_causal_mean()), hidden)
+    hidden = g.op("Add", g.op("Tanh", hidden), mixed)
+    g.op(
+        "LayerNormalization",
+        hidden,
+        g.const(np.ones(CONTEXT_DIM, np.float32)),
+        g.const(np.zeros(CONTEXT_DIM, np.float32)),
+        out="last_hidden_state",
+        axis=-1,
+    )
+    return g.model(
+        "demo_text_encoder",
+        [("input_ids", g.onnx.TensorProto.INT64, [1, CONTEXT_LEN])],
+        [("last_hidden_state", [1, CONTEXT_LEN, CONTEXT_DIM])],
+    )
+
+
+def _patterns(rng: np.random.Generator) -> np.ndarray:
+    """[N_PATTERNS, 4*64*64]: stripes, rings and blobs, each with its own latent colour, unit std."""
+    yy, xx = np.mgrid[0:LATENT_HW, 0:LATENT_HW] / LATENT_HW
+    patterns = []
+    for k in range(N_PATTERNS):
+        kind = k % 3
+        if kind == 0:  # stripes
+            angle, cycles = rng.uniform(0, np.pi), rng.uniform(0.5, 4.0)
+            field = np.sin(
+                2 * np.pi * cycles * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 6.3)
+            )
+        elif kind == 1:  # rings
+            cy, cx, cycles = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(1.0, 4.0)
+            field = np.cos(2 * np.pi * cycles * np.hypot(yy - cy, xx - cx))
+        else:  # blob
+            cy, cx, width = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.3)
+            field = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2)) * 2 - 0.5
+        colour = rng.normal(0, 1, (4, 1, 1))
+        pattern = colour * field[None]
+        patterns.append((pattern - pattern.mean()) / pattern.std())
+    return _f32(np.stack(patterns).reshape(N_PATTERNS, -1))
+
+
+# Per-band prior variances of the UNet's Wiener-style denoiser (how much of the sample it keeps).
+LOW_VARIANCE, HIGH_VARIANCE, PATTERN_SCALE = 30.0, 0.05, 1.3
+DECODER_GAIN = 0.5
+
+
+def _typical_context(vocab_size: int, token_table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Mean text-encoder output over random short prompts ([77,768]): what all prompts share."""
+    rng = np.random.default_rng(SEED + 1)
+    outputs = []
+    for length in range(1, 41):
+        ids = np.full(CONTEXT_LEN, vocab_size - 1)  # <|endoftext|> pads
+        ids[0] = vocab_size - 2  # <|startoftext|>
+        ids[1 : 1 + length % 12 + 1] = rng.integers(0, vocab_size - 2, length % 12 + 1)
+        outputs.append(_encode_in_numpy(ids, token_table, positions))
+    return np.mean(outputs, axis=0)
+
+
+def _unet(rng: np.random.Generator, rows: np.ndarray, typical_context: np.ndarray):
+    g = _Graph()
+    sample, time, context = "sample", UNET_TIME_INPUT, "encoder_hidden_states"
+    # sqrt(alpha_bar_t) read off the time row by a least-squares linear probe of the four rows.
+    acp = alphas_cumprod()
+    target = np.sqrt(acp[list(TIMESTEPS)]).astype(np.float64)
+    probe = np.linalg.lstsq(rows.astype(np.float64), target, rcond=None)[0]
+    s = g.op(
+        "Clip", g.op("MatMul", time, g.const(_f32(probe[:, None]))), g.const(_f32(0.02)), g.const(_f32(0.98))
+    )
+    one = g.const(_f32(1.0))
+    one_minus_s2 = g.op("Sub", one, g.op("Mul", s, s))
+    # Prompt -> pattern mix: position-weighted pooling (early tokens count most), projection, normalise.
+    position_weight = np.exp(-np.arange(CONTEXT_LEN) / 12.0)
+    position_weight[0] = 0.0  # BOS is the same for every prompt
+    pooled = g.op("MatMul", g.const(_f32(position_weight[None, :])), context)  # [1,1,768]
+    pooled = g.op("Sub", pooled, g.const(_f32(position_weight @ typical_context)))  # keep what differs
+    coeffs = g.op("MatMul", pooled, g.const(_f32(rng.normal(0, 1, (CONTEXT_DIM, N_PATTERNS)))))
+
+    def normalised(vector: str) -> str:
+        mean_square = g.op("ReduceMean", g.op("Mul", vector, vector), axes=[-1])
+        return g.op("Div", vector, g.op("Sqrt", g.op("Add", mean_square, g.const(_f32(1e-6)))))
+
+    coeffs = normalised(coeffs)
+    coeffs = normalised(g.op("Mul", coeffs, g.op("Abs", coeffs)))  # sharpen: a few patterns dominate
+    scale = PATTERN_SCALE / np.sqrt(N_PATTERNS)
+    mix = g.op("MatMul", g.op("Mul", coeffs, g.const(_f32(scale))), g.const(_patterns(rng)))
+    mu = g.op("Reshape", mix, g.const(np.array([1, 4, LATENT_HW, LATENT_HW], np.int64)))
+    # Wiener-style x0 guess: mu + gain_low * lowpass(residual) + gain_high * highpass(residual).
+    residual = g.op("Sub", sample, g.op("Mul", s, mu))
+    pooled_res = g.op("AveragePool", residual, kernel_shape=[4, 4], strides=[4, 4])
+    low = g.op("Resize", pooled_res, "", g.const(_f32([1, 1, 4, 4])), mode="linear")
+    high = g.op("Sub", residual, low)
+
+    def gain(variance: float) -> str:
+        v = g.const(_f32(variance))
+        return g.op("Div", g.op("Mul", s, v), g.op("Add", g.op("Mul", g.op("Mul", s, s), v), one_minus_s2))
+
+    x0 = g.op(
+        "Add", mu, g.op("Add", g.op("Mul", gain(LOW_VARIANCE), low), g.op("Mul", gain(HIGH_VARIANCE), high))
+    )
+    # eps such that (x - sqrt(1-a) eps) / sqrt(a) == x0 when s == sqrt(a).
+    g.op("Div", g.op("Sub", sample, g.op("Mul", s, x0)), g.op("Sqrt", one_minus_s2), out="out_sample")
+    latent = [1, 4, LATENT_HW, LATENT_HW]
+    f = g.onnx.TensorProto.FLOAT
+    return g.model(
+        "demo_unet",
+        [(sample, f, latent), (time, f, [1, TIME_DIM]), (context, f, [1, CONTEXT_LEN, CONTEXT_DIM])],
+        [("out_sample", latent)],
+    )
+
+
+def _vae_decoder(weight: np.ndarray, bias: np.ndarray):
+    g = _Graph()
+    conv = g.op("Conv", "x", g.const(_f32(weight[:, :, None, None])), g.const(_f32(bias)))
+    up = g.op("Resize", g.op("Tanh", conv), "", g.const(_f32([1, 1, 8, 8])), mode="linear")
+    g.op("Identity", up, out="sample")
+    size = LATENT_HW * 8
+    return g.model(
+        "demo_vae_decoder",
+        [("x", g.onnx.TensorProto.FLOAT, [1, 4, LATENT_HW, LATENT_HW])],
+        [("sample", [1, 3, size, size])],
+    )
+
+
+def _vae_encoder(weight: np.ndarray, bias: np.ndarray):
+    """Mean = the decoder input that reproduces the 8x8-averaged image; logvar = -6."""
+    g = _Graph()
+    inverse = np.linalg.pinv(weight.astype(np.float64))  # [4,3]
+    pooled = g.op("AveragePool", "image_sample", kernel_shape=[8, 8], strides=[8, 8])
+    pre_tanh = g.op("Atanh", g.op("Clip", pooled, g.const(_f32(-0.995)), g.const(_f32(0.995))))
+    conv_weight = np.concatenate([inverse, np.zeros((4, 3))])[:, :, None, None]
+    conv_bias = np.concatenate([-inverse @ bias, np.full(4, -6.0)])
+    g.op("Conv", pre_tanh, g.const(_f32(conv_weight)), g.const(_f32(conv_bias)), out="latent_sample")
+    size = LATENT_HW * 8
+    return g.model(
+        "demo_vae_encoder",
+        [("image_sample", g.onnx.TensorProto.FLOAT, [1, 3, size, size])],
+        [("latent_sample", [1, 8, LATENT_HW, LATENT_HW])],
+    )
+
+
+# --- the pack ------------------------------------------------------------------------------------
+
+
+def make_demo_pack(folder: Path) -> Path:
+    """Write the whole demo pack into `folder` (created if needed); deterministic; returns `folder`."""
+    import onnx
+
+    folder = Path(folder)
+    (folder / "text_encoder").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(SEED)
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    rows = time_rows()
+    np.save(folder / "time_input_txt2img.npy", rows)
+    orthonormal_rows = np.linalg.qr(rng.normal(0, 1, (4, 3)))[0].T  # [3,4]: every colour reachable
+    decoder_weight = orthonormal_rows * DECODER_GAIN * VAE_SCALE  # acts on latent / 0.18215
+    decoder_bias = np.array([0.15, 0.0, -0.1])  # a little warm
+    token_table = _f32(rng.normal(0, 1, (vocab_size, CONTEXT_DIM)))
+    positions = _f32(rng.normal(0, 0.5, (CONTEXT_LEN, CONTEXT_DIM)))
+    typical_context = _typical_context(vocab_size, token_table, positions)
+    models = {
+        "text_encoder/sd15_text_encoder_sim.onnx": _text_encoder(vocab_size, token_table, positions),
+        "unet.onnx": _unet(rng, rows, typical_context),
+        "vae_decoder.onnx": _vae_decoder(decoder_weight, decoder_bias),
+        "vae_encoder.onnx": _vae_encoder(decoder_weight, decoder_bias),
+    }
+    for relative, model in models.items():
+        onnx.save_model(model, str(folder / relative))
+    return folder
+
+
+def _generator_fingerprint() -> str:
+    source = Path(__file__).read_bytes()
+    return f"v{PACK_VERSION}-" + hashlib.sha256(source).hexdigest()[:16]
+
+
+STAMP_FILE = "demo_pack.json"
+
+
+def demo_pack_dir(cache_dir: Path) -> Path:
+    """`<cache_dir>/demo_pack_v<N>`, generated on first use (temp dir + rename), regenerated if stale."""
+    cache_dir = Path(cache_dir)
+    target = cache_dir / f"demo_pack_v{PACK_VERSION}"
+    fingerprint = _generator_fingerprint()
+    if _stamp(target) == fingerprint:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".demo_pack_", dir=cache_dir))
+    try:
+        make_demo_pack(building)
+        (building / STAMP_FILE).write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")
+        if target.exists():  # stale pack: move it aside, then swap in the new one
+            stale = Path(tempfile.mkdtemp(prefix=".stale_", dir=cache_dir))
+            with contextlib.suppress(OSError):  # another process may have moved it first
+                os.replace(target, stale / "pack")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(building, target)
+        except OSError:
+            if _stamp(target) != fingerprint:  # lost a race to a different generator: report it
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return target
+
+
+def _stamp(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / STAMP_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def describe_pack() -> str:
+    """One line for logs: the pack version and fingerprint."""
+    return f"demo pack {_generator_fingerprint()}"
