@@ -1,0 +1,29 @@
+"""Runtime layer: model sessions (onnxruntime on the CPU, axengine on the NPU), model files, demo pack."""
+
+from .model_dir import (
+    CheckLine,
+    LoadedModels,
+    ModelFiles,
+    UNetInputNames,
+    check_models,
+    format_check_lines,
+    load_models,
+    resolve_model_files,
+)
+from .session import FeedError, ModelLoadError, Session, TensorSpec, prepare_feed
+
+__all__ = [
+    "CheckLine",
+    "FeedError",
+    "LoadedModels",
+    "ModelFiles",
+    "ModelLoadError",
+    "Session",
+    "TensorSpec",
+    "UNetInputNames",
+    "check_models",
+    "format_check_lines",
+    "load_models",
+    "prepare_feed",
+    "resolve_model_files",
+]
