@@ -1,0 +1,254 @@
+"""The bounded FIFO of jobs in front of the single NPU worker thread.
+
+HTTP handlers put jobs in (from the event loop) and await their futures; one worker thread takes
+them out and runs them. Futures are resolved with `loop.call_soon_threadsafe`, so a handler
+never blocks the loop and never touches a session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RECENT_JOB_TIMES = 20          # jobs used for the Retry-After estimate
+DEFAULT_JOB_SECONDS = 3.0      # estimate before any job ran (≈ one AX650N image)
+
+
+class ServiceUnavailableError(Exception):
+    """A job refused or dropped without running; HTTP 503 (with Retry-After when known)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.detail = message
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class QueueFullError(ServiceUnavailableError):
+    """max_queue jobs are already waiting."""
+
+
+class QueueTimeoutError(ServiceUnavailableError):
+    """The job waited longer than queue_timeout."""
+
+
+class ShuttingDownError(ServiceUnavailableError):
+    """The service is stopping and takes no new work."""
+
+
+class DeviceLostError(ServiceUnavailableError):
+    """The NPU (or its runtime) is gone; jobs fail fast until restart."""
+
+
+class NotReadyError(ServiceUnavailableError):
+    """Models are not loaded yet."""
+
+
+class ClientDisconnectedError(Exception):
+    """The client left while its job was queued; the job was dropped (HTTP 499, never seen)."""
+
+    status_code = 499
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for, or running on, the NPU worker."""
+
+    request: Any
+    task_id: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+
+    def resolve(self, result: Any) -> None:
+        """Hand a result to the waiting handler (any thread)."""
+        self._complete(lambda fut: fut.set_result(result))
+
+    def fail(self, exc: BaseException) -> None:
+        """Hand an exception to the waiting handler (any thread)."""
+        self._complete(lambda fut: fut.set_exception(exc))
+
+    def _complete(self, setter: Callable[[asyncio.Future], None]) -> None:
+        def apply() -> None:
+            if not self.future.done():
+                setter(self.future)
+
+        try:
+            self.loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            log.debug("job %s finished after its event loop closed", self.task_id)
+
+
+class JobTimes:
+    """Durations of recent jobs, for Retry-After and ETA estimates."""
+
+    def __init__(self, size: int = RECENT_JOB_TIMES):
+        self._seconds: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._seconds.append(seconds)
+
+    def typical(self) -> float:
+        """Median recent job time in seconds."""
+        with self._lock:
+            return statistics.median(self._seconds) if self._seconds else DEFAULT_JOB_SECONDS
+
+    def wait_estimate(self, jobs_ahead: int) -> int:
+        """Whole seconds until a job behind `jobs_ahead` others (plus the running one) could start."""
+        return max(1, math.ceil(self.typical() * (jobs_ahead + 1)))
+
+
+class JobQueue:
+    """Bounded FIFO of waiting jobs; the running job is tracked separately."""
+
+    def __init__(self, max_queue: int, times: JobTimes | None = None):
+        self.max_queue = max_queue
+        self.times = times or JobTimes()
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not counting the running one)."""
+        with self._cond:
+            return len(self._waiting)
+
+    @property
+    def running(self) -> Job | None:
+        with self._cond:
+            return self._running
+
+    def put(self, job: Job) -> int:
+        """Append a job; returns how many jobs are ahead of it. Raises at once when full or closed."""
+        with self._cond:
+            if self._closed:
+                raise ShuttingDownError("The service is shutting down and accepts no new jobs")
+            if len(self._waiting) >= self.max_queue:
+                retry = self.times.wait_estimate(len(self._waiting))
+                raise QueueFullError(
+                    f"The NPU queue is full ({len(self._waiting)} jobs waiting, max_queue="
+                    f"{self.max_queue}); retry in about {retry} s or raise max_queue (--max-queue)",
+                    retry_after=retry,
+                )
+            self._waiting.append(job)
+            ahead = len(self._waiting) - 1 + (1 if self._running is not None else 0)
+            self._cond.notify_all()
+            return ahead
+
+    def take(self, timeout: float | None = None) -> Job | None:
+        """Worker side: the next job, now marked running; None on timeout or when closed."""
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._waiting:
+                if self._closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            job = self._waiting.popleft()
+            job.started_at = time.monotonic()
+            self._running = job
+            return job
+
+    def done(self, job: Job) -> None:
+        """Worker side: the running job finished."""
+        with self._cond:
+            if self._running is job:
+                self._running = None
+                if job.started_at is not None:
+                    self.times.add(time.monotonic() - job.started_at)
+            self._cond.notify_all()
+
+    def remove(self, job: Job) -> bool:
+        """Take a waiting job out (timeout, disconnect); False when it already started."""
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return False
+            return True
+
+    def drain(self) -> list[Job]:
+        """Remove and return every waiting job."""
+        with self._cond:
+            jobs = list(self._waiting)
+            self._waiting.clear()
+            return jobs
+
+    def close(self) -> None:
+        """Refuse new jobs and wake the worker so it can exit once the queue is empty."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
+    def waiting_task_ids(self) -> list[str]:
+        with self._cond:
+            return [job.task_id for job in self._waiting]
+
+    def position(self, task_id: str) -> int | None:
+        """0-based index of a waiting task in the queue, or None."""
+        with self._cond:
+            for index, job in enumerate(self._waiting):
+                if job.task_id == task_id:
+                    return index
+            return None
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no job is running; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._running is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+
+class Worker(threading.Thread):
+    """The one thread that runs jobs (and so owns the NPU sessions)."""
+
+    def __init__(self, queue: JobQueue, run_job: Callable[[Job], Any]):
+        super().__init__(name="npu-worker", daemon=True)
+        self.queue = queue
+        self.run_job = run_job
+        self.jobs_run = 0
+
+    def run(self) -> None:
+        while True:
+            job = self.queue.take()
+            if job is None:
+                return
+            try:
+                job.resolve(self.run_job(job))
+            except Exception as exc:  # noqa: BLE001 - one failed job never stops the worker
+                job.fail(exc)
+            finally:
+                self.jobs_run += 1
+                self.queue.done(job)
