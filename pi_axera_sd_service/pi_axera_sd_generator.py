@@ -114,21 +114,28 @@ def demo_pack(cache_dir: Path) -> Path:
 
 
 def with_demo_fallback(settings: Settings) -> Settings:
-    """Serve the demo pack when no model path is configured and no models are found in ./models."""
+    """Serve the demo pack when no model path is configured and ./models holds no model files.
+
+    A folder holding some but not all files is not replaced: loading it then names what is missing.
+    """
     from pi_axera_sd_service.runtime.session import ModelLoadError
 
     if settings.demo or any(getattr(settings, f) is not None for f in MODEL_FIELDS):
         return settings
     try:
-        resolve_files(settings)
-    except (ModelLoadError, OSError) as exc:
-        log.warning(
-            "no model paths configured and no models found (%s): serving the demo pack on the CPU "
-            "(set MODEL_DIR or --model-dir for real models)",
-            exc,
-        )
-        return settings.model_copy(update={"demo": True})
-    return settings
+        files, _ = resolve_files(settings)
+        found = [p for p in (files.text_encoder, files.unet, files.vae_decoder) if Path(p).is_file()]
+        reason = f"no model files in {Path(files.unet).parent.resolve()}"
+    except ModelLoadError as exc:
+        found, reason = [], str(exc)
+    if found:
+        return settings
+    log.warning(
+        "%s and no model paths configured: serving the demo pack on the CPU "
+        "(set MODEL_DIR or --model-dir to serve real models)",
+        reason,
+    )
+    return settings.model_copy(update={"demo": True})
 
 
 UPSTREAM_BACKENDS = {"axe": "axengine", "onnx": "onnxruntime"}
@@ -189,12 +196,17 @@ def generate_image(
     resize_mode: int = 0,
     files: tuple[Any, str] | None = None,
 ) -> GenerateResult:
-    """One txt2img (or img2img with `init_image`) through Pipeline.generate, written as a PNG."""
+    """One txt2img (or img2img with `init_image`) through Pipeline.generate, written as a PNG.
+
+    The PNG carries the A1111 infotext (`parameters` chunk), as the service's images do.
+    """
     from pi_axera_sd_service.pipeline.generate import ImageJob, Pipeline
     from pi_axera_sd_service.pipeline.images import decode_image_bytes, encode_image, resize_image
     from pi_axera_sd_service.pipeline.scheduler import img2img_timesteps, txt2img_timesteps
     from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
     from pi_axera_sd_service.runtime.model_dir import load_models
+    from pi_axera_sd_service.runtime.session import ModelLoadError
+    from pi_axera_sd_service.service.infotext import create_infotext
 
     if not 1 <= steps <= 4:
         raise CliError(f"--steps must be 1..4 (time rows exist for 999, 759, 499, 259), got {steps}")
@@ -211,7 +223,13 @@ def generate_image(
 
     model_files, backend = files or resolve_files(settings)
     t0 = time.perf_counter()
-    models = load_models(model_files, backend, device_id=settings.device_id, cache_dir=settings.cache_dir)
+    try:
+        models = load_models(model_files, backend, device_id=settings.device_id, cache_dir=settings.cache_dir)
+    except ModelLoadError as exc:
+        if settings.demo or any(getattr(settings, f) is not None for f in MODEL_FIELDS):
+            raise
+        raise ModelLoadError(f"{exc} (no model paths configured: set --model-dir / MODEL_DIR, or try --demo)",
+                             exc.path) from None
     load_ms = (time.perf_counter() - t0) * 1000
     if init is not None:
         if models.vae_encoder is None:
@@ -236,7 +254,14 @@ def generate_image(
     pipeline = Pipeline(models, ClipTokenizer.from_dir(models.tokenizer_dir))
     result = pipeline.generate(job)
     t1 = time.perf_counter()
-    data = encode_image(result.image, "png", png_compress_level=settings.png_compress_level)
+    infotext = create_infotext(
+        prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler="LCM",
+        scheduler_label="Automatic", cfg_scale=cfg_scale, seed=seed,
+        width=result.image.width, height=result.image.height,
+        model_hash=models.model_sha256[:10], model_name=models.model_name,
+        denoising_strength=denoising_strength if init is not None else None,
+    )
+    data = encode_image(result.image, "png", infotext, png_compress_level=settings.png_compress_level)
     timings = {"load_models": load_ms, **result.timings_ms, "image_encode": (time.perf_counter() - t1) * 1000}
     output = Path(output)
     if output.parent and not output.parent.exists():
@@ -250,7 +275,8 @@ def print_result(result: GenerateResult) -> None:
     """Seed, per-stage timings and the output path, one per line."""
     print(f"mode: {result.mode}")
     print(f"seed: {result.seed}")
-    for stage, ms in result.timings_ms.items():
+    totals = {k: v for k, v in result.timings_ms.items() if k.endswith("_total")}
+    for stage, ms in [*((k, v) for k, v in result.timings_ms.items() if k not in totals), *totals.items()]:
         print(f"  {stage:<14} {ms:9.1f} ms")
     for warning in result.warnings:
         print(f"warning: {warning}")

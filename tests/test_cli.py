@@ -1,0 +1,189 @@
+"""The command line as a user runs it: pi-axera-sd subcommands and the upstream-style scripts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pi_axera_sd_service.pi_axera_sd_generator import build_parser, settings_from_args, with_demo_fallback
+from pi_axera_sd_service.runtime.demo_pack import demo_pack_dir
+from pi_axera_sd_service.settings import Settings, settings_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILES = ("sd15_text_encoder_sim.onnx", "unet.onnx", "vae_decoder.onnx", "vae_encoder.onnx")
+MODEL_ENV = ("MODEL_DIR", "TEXT_MODEL_DIR", "TEXT_ENCODER_MODEL", "UNET_MODEL", "VAE_DECODER_MODEL",
+             "VAE_ENCODER_MODEL", "TIME_INPUT_TXT2IMG", "BACKEND", "DEMO", "CACHE_DIR")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the demo pack, generated once per session."""
+    folder = tmp_path_factory.mktemp("cache")
+    demo_pack_dir(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pack(cache_dir: Path) -> Path:
+    return demo_pack_dir(cache_dir)
+
+
+def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python <args>` with the test interpreter, no model settings inherited, wide help output."""
+    env = {k: v for k, v in os.environ.items() if k not in MODEL_ENV}
+    env["COLUMNS"] = "250"
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=120)
+
+
+def cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return run("-m", "pi_axera_sd_service", *args, cwd=cwd)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str]) -> None:
+    """Non-zero exit, a message on stderr, and no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip()
+
+
+def test_check_models_on_demo_pack_prints_one_ok_line_per_model(pack: Path) -> None:
+    proc = cli("check-models", pack)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    for name in MODEL_FILES:
+        matching = [line for line in lines if name in line]
+        assert len(matching) == 1, (name, proc.stdout)
+        assert "OK" in matching[0], matching[0]
+
+
+def test_check_models_names_the_missing_file(pack: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "models"
+    shutil.copytree(pack, broken)
+    (broken / "unet.onnx").unlink()
+    proc = cli("check-models", broken)
+    assert_clean_error(proc)
+    assert "unet" in proc.stdout + proc.stderr
+
+
+def test_check_models_on_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    proc = cli("check-models", tmp_path / "nowhere")
+    assert_clean_error(proc)
+    assert "nowhere" in proc.stdout + proc.stderr
+
+
+def test_generate_demo_writes_a_reproducible_png(cache_dir: Path, tmp_path: Path) -> None:
+    outputs = []
+    for name, seed in (("a.png", "7"), ("b.png", "7"), ("c.png", "8")):
+        out = tmp_path / name
+        proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "a red fox in the snow",
+                   "--seed", seed, "--output", out)
+        assert proc.returncode == 0, proc.stderr
+        assert f"seed: {seed}" in proc.stdout and str(out) in proc.stdout
+        assert "unet" in proc.stdout  # per-stage timings
+        outputs.append(out.read_bytes())
+    with Image.open(tmp_path / "a.png") as img:
+        assert (img.format, img.size) == ("PNG", (512, 512))
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+
+
+def test_generate_img2img_uses_the_init_image(cache_dir: Path, tmp_path: Path) -> None:
+    results = []
+    for colour in ("red", "blue"):
+        init = tmp_path / f"{colour}.png"
+        Image.new("RGB", (300, 200), colour).save(init)
+        out = tmp_path / f"out-{colour}.png"
+        proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "a cat", "--seed", "3",
+                   "--init-image", init, "--denoising-strength", "0.5", "--output", out)
+        assert proc.returncode == 0, proc.stderr
+        assert "img2img" in proc.stdout
+        results.append(out.read_bytes())
+    assert results[0] != results[1]
+
+
+def test_generate_rejects_bad_arguments_without_traceback(cache_dir: Path, tmp_path: Path) -> None:
+    proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "x", "--steps", "9",
+               "--output", tmp_path / "x.png")
+    assert_clean_error(proc)
+    assert "--steps" in proc.stderr
+    proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "x",
+               "--init-image", tmp_path / "missing.png", "--output", tmp_path / "x.png")
+    assert_clean_error(proc)
+    assert "missing.png" in proc.stderr
+
+
+def test_upstream_scripts_run_on_the_demo_pack(cache_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "CACHE_DIR": str(cache_dir)}  # the scripts keep upstream flags; the cache is env
+    for script, out in (("run_txt2img.py", tmp_path / "x.png"), ("run_img2img.py", tmp_path / "y.png")):
+        proc = subprocess.run(
+            [sys.executable, ROOT / "python" / script, "--demo", "--seed", "1", "--save_dir", out],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "seed: 1" in proc.stdout
+        with Image.open(out) as img:
+            assert (img.format, img.size) == ("PNG", (512, 512))
+
+
+def test_upstream_script_without_models_names_what_is_missing(tmp_path: Path) -> None:
+    proc = run(ROOT / "python" / "run_txt2img.py", "--save_dir", tmp_path / "x.png", cwd=tmp_path)
+    assert_clean_error(proc)
+    assert "models" in proc.stderr
+
+
+def test_make_demo_models_writes_a_pack_that_checks_ok(tmp_path: Path) -> None:
+    folder = tmp_path / "pack"
+    proc = cli("make-demo-models", folder)
+    assert proc.returncode == 0, proc.stderr
+    for relative in ("tokenizer/vocab.json", "tokenizer/merges.txt",
+                     "text_encoder/sd15_text_encoder_sim.onnx", "unet.onnx", "vae_decoder.onnx",
+                     "vae_encoder.onnx", "time_input_txt2img.npy"):
+        assert (folder / relative).is_file(), relative
+    as_script = ROOT / "pi_axera_sd_service" / "pi_axera_sd_generator.py"  # how the upstream unit runs it
+    assert run(as_script, "check-models", folder).returncode == 0
+
+
+def test_serve_help_lists_every_setting_with_its_env_name() -> None:
+    proc = cli("serve", "--help")
+    assert proc.returncode == 0
+    for flag in settings_flags():
+        assert flag.flag in proc.stdout and flag.env in proc.stdout, flag
+
+
+def test_flags_override_the_environment_only_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "6001")
+    monkeypatch.setenv("STRICT", "true")
+    parser = build_parser()
+    assert settings_from_args(parser.parse_args(["serve"])).port == 6001
+    settings = settings_from_args(parser.parse_args(["serve", "--port", "7002", "--no-strict"]))
+    assert (settings.port, settings.strict) == (7002, False)
+
+
+def test_serve_falls_back_to_the_demo_pack_only_without_models(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache_dir: Path, pack: Path
+) -> None:
+    for name in MODEL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./models here
+    assert with_demo_fallback(Settings(cache_dir=cache_dir)).demo is True
+    configured = Settings(cache_dir=cache_dir, model_dir=tmp_path / "elsewhere")
+    assert with_demo_fallback(configured).demo is False  # a configured path is never silently replaced
+    shutil.copytree(pack, tmp_path / "models")
+    assert with_demo_fallback(Settings(cache_dir=cache_dir)).demo is False
+
+
+def test_invalid_setting_value_is_one_line(tmp_path: Path) -> None:
+    proc = cli("check-models", "--device-id", "x", tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # argparse usage error
+    env = {**os.environ, "DEVICE_ID": "x"}
+    env_proc = subprocess.run([sys.executable, "-m", "pi_axera_sd_service", "check-models", tmp_path],
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert_clean_error(env_proc)
+    assert "device_id" in env_proc.stderr
