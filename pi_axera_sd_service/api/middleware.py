@@ -1,0 +1,275 @@
+"""Pure ASGI middlewares: request id + one access-log line + request metrics, HTTP Basic auth,
+and the request-body limit (which also captures the body for the log line)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ..service.metrics import REQUEST_LOG, ServiceMetrics
+from ..settings import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+access_log = logging.getLogger("pi_axera_sd_service.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+OPEN_PATHS = ("/internal/ping", "/health")
+QUIET_ROUTES = {"/sdapi/v1/progress", "/internal/progress", "/internal/ping", "/health", "/metrics"}
+DRAIN_FACTOR = 4                # read (and discard) oversize bodies up to this multiple of the limit
+BASE64_MIN_CHARS = 256
+_BASE64_RE = re.compile(r"^(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=\s_-]+$")
+
+
+def a1111_error_body(error: str, detail: Any, errors: str = "") -> dict[str, Any]:
+    """A1111's `handle_exception` body."""
+    return {"error": error, "detail": detail, "body": "", "errors": errors}
+
+
+async def send_json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    """Send a complete JSON response from a middleware."""
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def redact(value: Any) -> Any:
+    """Parameters for the log: every base64 string becomes `<base64: N chars>`."""
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and len(value) >= BASE64_MIN_CHARS and _BASE64_RE.match(value[:4096]):
+        return f"<base64: {len(value)} chars>"
+    return value
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+# --- request id, access log, metrics -------------------------------------------------------------
+class RequestLogMiddleware:
+    """X-Request-Id (an incoming one is kept), one log line per request, request counters."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: ServiceMetrics,
+                 route_label: Callable[[Scope], str]):
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.route_label = route_label
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming[:128] if incoming else uuid.uuid4().hex[:16]
+        record: dict[str, Any] = {"request_id": request_id}
+        token = REQUEST_LOG.set(record)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [*message.get("headers", []),
+                                      (REQUEST_ID_HEADER.encode(), request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - last resort: log, answer 500 without a traceback
+            access_log.error("unhandled %s in %s %s: %s", type(exc).__name__, scope["method"],
+                             scope["path"], exc, exc_info=exc)
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            if not response_started:
+                await send_with_id_safe(send_with_id, a1111_error_body(type(exc).__name__, "", str(exc)))
+            status = 500
+        finally:
+            REQUEST_LOG.reset(token)
+            route = self.route_label(scope)
+            self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+            self._log(scope, record, route, status, (time.perf_counter() - started) * 1000.0)
+
+    def _log(self, scope: Scope, record: dict[str, Any], route: str, status: int, ms: float) -> None:
+        level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        line: dict[str, Any] = {"request_id": record.pop("request_id"), "method": scope["method"],
+                                "route": route, "status": status, "ms": round(ms, 1)}
+        body = record.pop("_body", None)
+        params = _parameters(scope, body)
+        if params is not None:
+            line["params"] = params
+        line.update(record)
+        if self.settings.log_json:
+            access_log.log(level, json.dumps(line, default=str))
+        else:
+            access_log.log(level, " ".join(f"{k}={_plain(v)}" for k, v in line.items()))
+
+
+async def send_with_id_safe(send: Send, body: dict[str, Any]) -> None:
+    with contextlib.suppress(Exception):  # the client may be gone
+        await send_json(send, 500, body)
+
+
+def _plain(value: Any) -> str:
+    return value if isinstance(value, str) and " " not in value else json.dumps(value, default=str)
+
+
+def _parameters(scope: Scope, body: bytes | None) -> Any:
+    """Redacted JSON body, or the query string."""
+    if body:
+        try:
+            return redact(json.loads(body))
+        except (ValueError, UnicodeDecodeError):
+            return f"<{len(body)} bytes>"
+    query = scope.get("query_string", b"").decode("latin-1")
+    return query or None
+
+
+# --- HTTP Basic auth -------------------------------------------------------------------------------
+def parse_credentials(api_auth: str) -> list[tuple[bytes, bytes]]:
+    """`user:pass[,user2:pass2]` -> [(user, pass)] (as A1111 splits it)."""
+    pairs = []
+    for entry in api_auth.split(","):
+        if entry.strip():
+            user, _, password = entry.strip().partition(":")
+            pairs.append((user.encode(), password.encode()))
+    return pairs
+
+
+class BasicAuthMiddleware:
+    """401 in A1111's shape (with WWW-Authenticate) unless the Basic credentials match."""
+
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app = app
+        self.credentials = parse_credentials(settings.api_auth or "")
+        self.open_paths = () if settings.auth_health else OPEN_PATHS
+
+    def _authorized(self, header: str | None) -> str | None:
+        """None when authorized, else the error detail."""
+        if not header or header[:6].lower() != "basic ":
+            return "Not authenticated"
+        try:
+            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return "Not authenticated"
+        if not sep:
+            return "Not authenticated"
+        matched = False
+        for known_user, known_password in self.credentials:  # no early exit: constant time per entry
+            user_ok = secrets.compare_digest(user, known_user)
+            password_ok = secrets.compare_digest(password, known_password)
+            matched |= user_ok and password_ok
+        return None if matched else "Incorrect username or password"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or not self.credentials or scope["method"] == "OPTIONS"
+                or scope["path"] in self.open_paths):
+            await self.app(scope, receive, send)
+            return
+        problem = self._authorized(_header(scope, b"authorization"))
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        record = REQUEST_LOG.get()
+        if record is not None:
+            record["error"] = problem
+        await send_json(send, 401, a1111_error_body("HTTPException", problem),
+                        {"WWW-Authenticate": "Basic"})
+
+
+# --- request body limit ----------------------------------------------------------------------------
+class BodyLimitMiddleware:
+    """413 past max_body_bytes, from Content-Length or while reading; the app gets a replayed body."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: ServiceMetrics):
+        self.app = app
+        self.limit = settings.max_body_bytes
+        self.metrics = metrics
+
+    def _message(self, size: str) -> str:
+        return (f"Request body is {size}; the limit is max_body_bytes={self.limit} bytes "
+                f"(raise it with --max-body-bytes / MAX_BODY_BYTES)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._drain(receive, 0)
+            await self._refuse(send, f"{int(declared)} bytes")
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > self.limit:
+                if more:
+                    await self._drain(receive, size)
+                await self._refuse(send, f"more than {self.limit} bytes")
+                return
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        record = REQUEST_LOG.get()
+        if record is not None:
+            record["_body"] = body
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Receive, size: int) -> None:
+        """Discard the rest of an oversize body (bounded) so the client can read the 413."""
+        while size <= self.limit * DRAIN_FACTOR:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    async def _refuse(self, send: Send, size: str) -> None:
+        self.metrics.reject("body_too_large")
+        message = self._message(size)
+        record = REQUEST_LOG.get()
+        if record is not None:
+            record["error"] = message
+        await send_json(send, 413, a1111_error_body("HTTPException", message))

@@ -1,0 +1,249 @@
+"""Engine and queue behaviour without HTTP: queue bound and timeout, interrupt/skip, disconnects,
+stage faults and device loss, previews, per-task progress, shutdown draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pi_axera_sd_service.service.engine import (
+    ClientDisconnectedError,
+    DeviceLostError,
+    Engine,
+    QueueFullError,
+    QueueTimeoutError,
+    ShuttingDownError,
+    StageError,
+    looks_like_device_loss,
+)
+from pi_axera_sd_service.service.request import GenerationRequest
+
+STEP_DELAY = 0.05  # seconds per UNet call: 4 steps ≈ 0.2 s per image
+
+
+@pytest.fixture()
+def engines(demo_models) -> Iterator[Callable[..., Engine]]:
+    made: list[Engine] = []
+
+    def make(settings, wrap=None) -> Engine:
+        engine = Engine(settings, models=demo_models, wrap=wrap)
+        engine.start()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.shutdown(5)
+
+
+def request(images: int = 1, steps: int = 4, task_id: str | None = None) -> GenerationRequest:
+    return GenerationRequest(prompt="a lighthouse at dusk", seed=7, steps=steps, batch_size=images,
+                             task_id=task_id)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_full_queue_refuses_at_once_and_accepted_jobs_complete(engines, settings_factory, wrap_factory):
+    engine = engines(settings_factory(max_queue=2), wrap_factory(delays={"unet": STEP_DELAY}))
+
+    async def scenario():
+        first = asyncio.create_task(engine.submit(request()))
+        await wait_until(lambda: engine.progress.busy)
+        tasks = [first] + [asyncio.create_task(engine.submit(request())) for _ in range(5)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    refused = [r for r in results if isinstance(r, QueueFullError)]
+    done = [r for r in results if not isinstance(r, Exception)]
+    assert len(done) == 3 and len(refused) == 3  # one running + max_queue waiting
+    assert all(r.retry_after >= 1 and "max_queue" in str(r) for r in refused)
+    assert all(len(r.images) == 1 for r in done)
+    assert engine.health()["status"] == "ok" and engine.queue.depth == 0
+
+
+def test_queue_timeout_gives_503_error_and_job_never_runs(engines, settings_factory, wrap_factory):
+    wrap = wrap_factory(delays={"unet": 0.15})
+    engine = engines(settings_factory(queue_timeout=0.2), wrap)
+
+    async def scenario():
+        first = asyncio.create_task(engine.submit(request()))
+        await wait_until(lambda: engine.progress.busy)
+        with pytest.raises(QueueTimeoutError, match="queue_timeout"):
+            await engine.submit(request())
+        return await first
+
+    assert len(asyncio.run(scenario()).images) == 1
+    assert wrap.calls("text_encoder") == 1  # the timed-out job never reached the NPU
+
+
+def test_interrupt_returns_partial_result_and_stops_remaining_images(engines, settings_factory, wrap_factory):
+    engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
+
+    async def scenario():
+        job = asyncio.create_task(engine.submit(request(images=3)))
+        await wait_until(lambda: engine.progress.sampling_step >= 1)
+        engine.interrupt()
+        return await job
+
+    result = asyncio.run(scenario())
+    assert result.interrupted
+    assert len(result.images) == 1 and result.steps_run[0] < 4
+    assert engine.progress.snapshot()["state"]["job"] == ""
+
+
+def test_skip_keeps_partial_image_and_moves_to_next(engines, settings_factory, wrap_factory):
+    engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
+
+    async def scenario():
+        job = asyncio.create_task(engine.submit(request(images=2)))
+        await wait_until(lambda: engine.progress.sampling_step >= 1)
+        engine.skip()
+        return await job
+
+    result = asyncio.run(scenario())
+    assert not result.interrupted
+    assert len(result.images) == 2
+    assert result.steps_run[0] < 4 and result.steps_run[1] == 4
+    assert result.skipped_images == 1
+
+
+def test_disconnected_queued_client_job_is_dropped(engines, settings_factory, wrap_factory):
+    wrap = wrap_factory(delays={"unet": 0.1})
+    engine = engines(settings_factory(), wrap)
+    gone_at = time.monotonic() + 0.15
+
+    async def disconnected() -> bool:
+        return time.monotonic() > gone_at
+
+    async def scenario():
+        first = asyncio.create_task(engine.submit(request()))
+        await wait_until(lambda: engine.progress.busy)
+        with pytest.raises(ClientDisconnectedError):
+            await engine.submit(request(), disconnected)
+        return await first
+
+    asyncio.run(scenario())
+    assert engine.jobs_dropped == 1
+    assert wrap.calls("text_encoder") == 1  # only the first job ran
+    assert b'sd_rejections_total{reason="client_disconnected"} 1.0' in engine.metrics.exposition()
+
+
+def test_stage_failure_fails_one_job_and_worker_carries_on(engines, settings_factory, wrap_factory):
+    engine = engines(settings_factory(), wrap_factory(fail_calls={"unet": {3}}))
+
+    async def scenario():
+        with pytest.raises(StageError) as failed:
+            await engine.submit(request())
+        return failed.value, await engine.submit(request())
+
+    error, ok = asyncio.run(scenario())
+    assert error.stage == "unet" and "simulated runtime failure" in error.message
+    assert len(ok.images) == 1
+    assert engine.health()["status"] == "ok"
+    assert engine.progress.snapshot()["state"]["job_count"] == 0
+
+
+def test_device_loss_turns_health_503_and_fails_fast(engines, settings_factory, wrap_factory):
+    wrap = wrap_factory(fail_calls={"unet": {1}}, error="axclrtEngineExecute failed, ret 0x8030000b")
+    engine = engines(settings_factory(), wrap)
+
+    async def scenario():
+        with pytest.raises(StageError):
+            await engine.submit(request())
+        started = time.monotonic()
+        with pytest.raises(DeviceLostError):
+            await engine.submit(request())
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 0.1
+    assert engine.health()["status"] == "device_lost"
+
+
+def test_device_loss_heuristic():
+    assert looks_like_device_loss("RuntimeError: axclrtMemcpy failed 0x80300")
+    assert looks_like_device_loss("device 0 lost")
+    assert not looks_like_device_loss("FeedError: expected [1, 77] int32, found [1, 76]")
+
+
+def test_progress_snapshot_busy_then_idle(engines, settings_factory, wrap_factory):
+    engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
+    seen: list[dict] = []
+
+    async def scenario():
+        job = asyncio.create_task(engine.submit(request(images=2)))
+        while not job.done():
+            seen.append(engine.progress.snapshot())
+            await asyncio.sleep(0.02)
+        await job
+
+    asyncio.run(scenario())
+    busy = [s for s in seen if s["state"]["job"]]
+    assert busy and all(s["state"]["job"] == "scripts_txt2img" and s["state"]["job_count"] == 2 for s in busy)
+    assert all(0.01 <= s["progress"] <= 1 for s in busy)
+    assert len({(s["state"]["job_no"], s["state"]["sampling_step"]) for s in busy}) >= 3
+    idle = engine.progress.snapshot()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
+
+
+def test_live_previews_decode_x0_only_when_enabled(engines, settings_factory, wrap_factory):
+    wrap = wrap_factory(delays={"unet": STEP_DELAY})
+    engine = engines(settings_factory(live_previews=True, show_progress_every_n_steps=1), wrap)
+    previews: list[str] = []
+
+    async def scenario():
+        job = asyncio.create_task(engine.submit(request()))
+        while not job.done():
+            image = engine.progress.snapshot()["current_image"]
+            if image:
+                previews.append(image)
+            await asyncio.sleep(0.02)
+        return await job
+
+    result = asyncio.run(scenario())
+    assert previews and wrap.calls("vae_decoder") == 4  # 3 previews (steps 1-3) + the final decode
+    assert result.stage_ms["vae_preview"] > 0
+
+
+def test_task_progress_reports_queue_position(engines, settings_factory, wrap_factory):
+    engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
+
+    async def scenario():
+        jobs = [asyncio.create_task(engine.submit(request(task_id=f"task(t{i})"))) for i in range(3)]
+        await wait_until(lambda: engine.progress.busy and engine.queue.depth == 2)
+        views = {i: engine.task_progress(f"task(t{i})") for i in range(3)}
+        pending = engine.pending_tasks()
+        await asyncio.gather(*jobs)
+        return views, pending
+
+    views, pending = asyncio.run(scenario())
+    assert views[0]["active"] and not views[0]["queued"]
+    assert views[1]["queued"] and views[1]["queue_position"] == 0 and "In queue: 1/2" in views[1]["textinfo"]
+    assert views[2]["queue_position"] == 1
+    assert pending == ["task(t1)", "task(t2)"]
+    assert engine.task_progress("task(t2)")["completed"]
+
+
+def test_begin_shutdown_answers_queued_jobs_and_lets_running_finish(engines, settings_factory, wrap_factory):
+    engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
+
+    async def scenario():
+        running = asyncio.create_task(engine.submit(request()))
+        await wait_until(lambda: engine.progress.busy)
+        queued = asyncio.create_task(engine.submit(request()))
+        await wait_until(lambda: engine.queue.depth == 1)
+        engine.begin_shutdown()
+        with pytest.raises(ShuttingDownError):
+            await queued
+        with pytest.raises(ShuttingDownError):
+            await engine.submit(request())
+        return await running
+
+    assert len(asyncio.run(scenario()).images) == 1
