@@ -181,6 +181,8 @@ def test_each_distinct_text_is_encoded_once_across_steps(tokenizer):
         assert conds[0][0] is (dog if step <= 2 else cat)
         assert uncond is conditioner.embedding("blurry")
     assert conditioner.encoder_calls == 3
+    with pytest.raises(ValueError, match="1-based"):
+        conditioner.conds_at(plan, 0)
 
 
 def test_alternation_changes_the_embedding_every_step(conditioner):

@@ -191,8 +191,11 @@ class TextConditioner:
                  ) -> tuple[list[tuple[np.ndarray, float]], np.ndarray | None]:
         """([(embedding, subprompt_weight)], uncond embedding or None) in effect at `step` (1-based).
 
-        A schedule entry (end_step, text) covers every step <= end_step after the previous entry.
+        A schedule entry (end_step, text) covers every step <= end_step after the previous entry,
+        so `[a:b:0.5]` with 4 steps gives a at steps 1-2 and b at steps 3-4.
         """
+        if step < 1:
+            raise ValueError(f"conds_at takes a 1-based step number, got {step}")
         conds = []
         for schedule in plan.conds:
             _, text, weight = _entry_at(schedule, step)
