@@ -187,3 +187,10 @@ def test_invalid_setting_value_is_one_line(tmp_path: Path) -> None:
                               capture_output=True, text=True, env=env, timeout=60)
     assert_clean_error(env_proc)
     assert "device_id" in env_proc.stderr
+
+
+def test_install_service_renders_a_unit_for_this_venv(tmp_path: Path) -> None:
+    proc = cli("install-service", "--user", "pi", "--workdir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"ExecStart={Path(sys.prefix).absolute()}/bin/pi-axera-sd serve" in proc.stdout
+    assert "User=pi" in proc.stdout
