@@ -1,0 +1,118 @@
+"""The FastAPI app factory: lifespan (engine start/stop), routers, middlewares, error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from ..pipeline.stages import StageError
+from ..service.engine import ClientDisconnectedError, Engine, ServiceUnavailableError
+from ..settings import Settings
+from .errors import a1111_body
+from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware, Scope
+from .routers import generate, internal, sdapi
+
+log = logging.getLogger(__name__)
+
+
+def _route_label_for(app: FastAPI):
+    """Metric/log label: the matched route template, so ids in paths never explode cardinality."""
+
+    def label(scope: Scope) -> str:
+        route = scope.get("route")
+        if route is not None and getattr(route, "path", None):
+            return route.path
+        for candidate in app.router.routes:
+            match, _ = candidate.matches(scope)
+            if match == Match.FULL:
+                return getattr(candidate, "path", "unmatched")
+        return "unmatched"
+
+    return label
+
+
+def _is_sdapi(request: Request) -> bool:
+    return request.url.path.startswith("/sdapi/")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def service_unavailable(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceUnavailableError)
+        body = a1111_body(exc.detail, type(exc).__name__, exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def stage_failed(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StageError)
+        detail = f"The {exc.stage} stage failed: {exc.message}"
+        return JSONResponse(a1111_body(detail, "StageError", 500), status_code=500)
+
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=ClientDisconnectedError.status_code)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if _is_sdapi(request) and "route" in request.scope:  # unmatched paths keep {"detail": "Not Found"}
+            body = a1111_body(exc.detail, "HTTPException", exc.status_code)
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled %s on %s: %s", type(exc).__name__, request.url.path, exc, exc_info=exc)
+        return JSONResponse(a1111_body("", type(exc).__name__, 500), status_code=500)
+
+    app.add_exception_handler(ServiceUnavailableError, service_unavailable)
+    app.add_exception_handler(StageError, stage_failed)
+    app.add_exception_handler(ClientDisconnectedError, client_gone)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _cors_kwargs(settings: Settings) -> dict[str, Any] | None:
+    origins = [o.strip() for o in (settings.cors_allow_origins or "").split(",") if o.strip()]
+    if not origins and not settings.cors_allow_origins_regex:
+        return None
+    return {"allow_origins": origins, "allow_origin_regex": settings.cors_allow_origins_regex,
+            "allow_methods": ["*"], "allow_headers": ["*"], "allow_credentials": True}
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """The service app. The engine is started by the lifespan unless it is already running."""
+    engine = engine or Engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.started:
+            await asyncio.to_thread(engine.start)  # model load off the event loop
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown, settings.shutdown_timeout)
+
+    app = FastAPI(title="pi_axera_sd_service", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.include_router(generate.router)
+    app.include_router(sdapi.router)
+    app.include_router(internal.router)
+    _install_error_handlers(app)
+
+    # add_middleware puts the last one outermost: log -> CORS -> auth -> body limit -> routes
+    app.add_middleware(BodyLimitMiddleware, settings=settings, metrics=engine.metrics)
+    if settings.api_auth:
+        app.add_middleware(BasicAuthMiddleware, settings=settings)
+    cors = _cors_kwargs(settings)
+    if cors is not None:
+        app.add_middleware(CORSMiddleware, **cors)
+    app.add_middleware(RequestLogMiddleware, settings=settings, metrics=engine.metrics,
+                       route_label=_route_label_for(app))
+    return app
