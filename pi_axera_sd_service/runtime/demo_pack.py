@@ -398,6 +398,7 @@ def demo_pack_dir(cache_dir: Path) -> Path:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=".demo_pack_", dir=cache_dir))
+    building.chmod(0o755)  # mkdtemp makes it private; the pack is not secret
     try:
         make_demo_pack(building)
         (building / STAMP_FILE).write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")
