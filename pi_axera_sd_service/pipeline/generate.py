@@ -136,7 +136,7 @@ class Pipeline:
         denoised = x
         for i, t in enumerate(timesteps):
             with timer("text"):
-                conds, uncond = conditioner.conds_at(plan, i)
+                conds, uncond = conditioner.conds_at(plan, i + 1)  # 1-based step
             time_row = self._time_rows[t]
             with timer(f"unet_step_{i + 1}", "unet_total"):
                 if guidance:
