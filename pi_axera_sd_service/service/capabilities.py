@@ -1,0 +1,356 @@
+"""The hardware capability table: one data structure, built at start-up, that decides every request field.
+
+Each row says what is supported and what happens otherwise: `accept`, `warn` (run anyway, say so),
+`clamp` (change the value, warn) or `reject` (422). `strict` turns every clamp, and an unknown
+sampler, into a 422. `to_dict()` is served at GET /capabilities and is the source of the docs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from ..pipeline.scheduler import img2img_timesteps, txt2img_timesteps
+from ..settings import Settings
+from .options import DEFAULT_EMPHASIS, EMPHASIS_MODES, SAMPLES_FORMATS, known_option
+from .request import CapabilityError, GenerationRequest, parse_seed
+
+if TYPE_CHECKING:
+    from ..runtime.model_dir import LoadedModels
+    from .options import OptionsStore
+
+__all__ = ["CapabilityError", "CapabilityRow", "CapabilityTable", "SAMPLER_NAME", "SAMPLER_ALIASES"]
+
+SAMPLER_NAME = "LCM"
+SAMPLER_ALIASES = ("k_lcm", "lcm")
+SCHEDULER_NAME = "automatic"
+# A1111 scheduler names and labels, recognised as a sampler-name suffix ("DPM++ 2M Karras").
+A1111_SCHEDULERS = (
+    ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
+    ("polyexponential", "Polyexponential"), ("sgm_uniform", "SGM Uniform"), ("sgm_uniform", "SGMUniform"),
+    ("kl_optimal", "KL Optimal"), ("align_your_steps", "Align Your Steps"), ("simple", "Simple"),
+    ("normal", "Normal"), ("ddim", "DDIM"), ("beta", "Beta"), ("karras_exponential", "Karras Exponential"),
+)
+MIN_DENOISING_STRENGTH = 0.01
+RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill (edges stretched)"}
+MAX_STEPS = 4
+
+
+@dataclass(frozen=True)
+class CapabilityRow:
+    """One request field: what is supported, and the action taken otherwise."""
+
+    field: str
+    supported: str
+    otherwise: str          # accept | warn | clamp | reject
+    note: str
+    strict_rejects: bool = False   # besides clamps, also a 422 under `strict`
+
+    def action(self, strict: bool) -> str:
+        if strict and (self.otherwise == "clamp" or self.strict_rejects):
+            return "reject"
+        return self.otherwise
+
+
+@dataclass
+class CapabilityTable:
+    """Everything the loaded models and the settings allow, plus the policy for everything else."""
+
+    image_size: tuple[int, int]
+    timesteps: tuple[int, ...]
+    img2img: bool
+    strict: bool
+    guidance: bool
+    max_cfg_scale: float
+    max_images_per_request: int
+    max_and_prompts: int
+
+    @classmethod
+    def from_models(cls, models: LoadedModels, settings: Settings) -> CapabilityTable:
+        return cls(
+            image_size=(int(models.image_size[0]), int(models.image_size[1])),
+            timesteps=tuple(int(t) for t in models.timesteps),
+            img2img=models.vae_encoder is not None,
+            strict=settings.strict,
+            guidance=settings.guidance == "on",
+            max_cfg_scale=float(settings.max_cfg_scale),
+            max_images_per_request=int(settings.max_images_per_request),
+            max_and_prompts=int(settings.max_and_prompts),
+        )
+
+    @property
+    def max_steps(self) -> int:
+        return min(len(self.timesteps), MAX_STEPS)
+
+    # ------------------------------------------------------------------ the table
+    @cached_property
+    def rows(self) -> list[CapabilityRow]:
+        w, h = self.image_size
+        schedules = ", ".join(f"{n}→{txt2img_timesteps(n)}" for n in range(1, self.max_steps + 1))
+        guidance = (
+            f"cfg ≤ 1: one UNet pass per step; 1 < cfg ≤ {self.max_cfg_scale:g}: classifier-free guidance "
+            "with the negative prompt (two UNet passes per step)"
+            if self.guidance else "guidance=off: always one UNet pass per step (cfg 1)"
+        )
+        return [
+            CapabilityRow("mode", "txt2img" + (", img2img" if self.img2img else ""), "reject",
+                          "img2img needs the VAE encoder model"),
+            CapabilityRow("width, height", f"{w}x{h} (the compiled models' size)", "clamp",
+                          f"other sizes are generated at {w}x{h}"),
+            CapabilityRow("steps", f"1–{self.max_steps}, default {self.max_steps}: {schedules}", "clamp",
+                          f"more steps run {self.max_steps}; img2img runs the last "
+                          "round(denoising_strength × steps) of them"),
+            CapabilityRow("sampler_name, sampler_index",
+                          f"{SAMPLER_NAME} (aliases {', '.join(SAMPLER_ALIASES)})", "warn",
+                          "other samplers run LCM, as A1111 falls back on unknown names; strict: 422",
+                          strict_rejects=True),
+            CapabilityRow("scheduler", SCHEDULER_NAME, "warn",
+                          "the LCM schedule is fixed; a scheduler suffix of the sampler name counts too"),
+            CapabilityRow("cfg_scale", guidance, "clamp", f"cfg above {self.max_cfg_scale:g} runs at "
+                          f"{self.max_cfg_scale:g}; default 1 (one pass)"),
+            CapabilityRow("negative_prompt", "used with classifier-free guidance (cfg > 1)", "warn",
+                          "at cfg ≤ 1 (or guidance=off) a negative prompt has no effect"),
+            CapabilityRow("seed, subseed", "integers; -1, null or \"\" draw a random seed in [0, 2^32)",
+                          "reject", "image i gets seed+i (the same seed for all when subseed_strength ≠ 0), "
+                          "subseed+i; a non-integer seed is a 422"),
+            CapabilityRow("subseed_strength", "0–1: variation noise slerp(strength, noise(seed), "
+                          "noise(subseed)) as A1111", "clamp", "clamped into [0, 1]"),
+            CapabilityRow("batch_size, n_iter",
+                          f"batch_size × n_iter ≤ {self.max_images_per_request} images, generated one "
+                          "at a time (the NPU batch is 1)", "clamp",
+                          "n_iter is reduced first, then batch_size"),
+            CapabilityRow("denoising_strength", "img2img: (0, 1]; default 0.75 on /sdapi, 0.5 on /generate",
+                          "clamp", "ignored for txt2img (no hires fix)"),
+            CapabilityRow("resize_mode", "0 just resize, 1 crop and resize, 2 resize and fill (edges "
+                          "stretched); 3 (latent) is run as 0 with a warning", "reject", "other values: 422"),
+            CapabilityRow("init_images", "raw base64 or data:image/...;base64, URIs; PNG/JPEG/WEBP; EXIF "
+                          "orientation applied; cycled over the batch", "reject",
+                          "undecodable: 400; img2img without init_images: 404 \"Init image not found\""),
+            CapabilityRow("mask, latent_mask", "not supported", "reject",
+                          "a mask is a 422 \"inpainting is not supported\" (the other inpainting fields are "
+                          "accepted at any value and have no effect)"),
+            CapabilityRow("enable_hr, restore_faces, tiling, styles, clip_skip, seed_resize_from_w/h",
+                          "not supported", "warn", "true / non-empty / clip_skip > 1 / > 0: ignored with "
+                          "a warning; the values clients send by default are silent"),
+            CapabilityRow("script_name, alwayson_scripts", "no scripts installed", "reject",
+                          "422 \"Script '<name>' not found\" / \"always on script <name> not found\" "
+                          "as A1111"),
+            CapabilityRow("override_settings", "the options of GET /sdapi/v1/options, for this request only",
+                          "warn", "unknown keys are ignored with a warning"),
+            CapabilityRow("eta, s_churn, s_tmin, s_tmax, s_noise, s_min_uncond, image_cfg_scale, "
+                          "hr_* (with enable_hr false)", "no effect on LCM", "accept", "accepted silently"),
+        ]
+
+    def row(self, field: str) -> CapabilityRow:
+        for row in self.rows:
+            if field in [name.strip() for name in row.field.split(",")]:
+                return row
+        raise KeyError(field)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The table as JSON: limits plus one entry per row (field, supported, otherwise, strict, note)."""
+        return {
+            "policy": "strict" if self.strict else "lenient",
+            "image_size": {"width": self.image_size[0], "height": self.image_size[1]},
+            "timesteps": list(self.timesteps),
+            "max_steps": self.max_steps,
+            "modes": ["txt2img", "img2img"] if self.img2img else ["txt2img"],
+            "guidance": "on" if self.guidance else "off",
+            "max_cfg_scale": self.max_cfg_scale,
+            "max_images_per_request": self.max_images_per_request,
+            "max_and_prompts": self.max_and_prompts,
+            "samplers": [SAMPLER_NAME],
+            "schedulers": [SCHEDULER_NAME],
+            "rows": [
+                {"field": r.field, "supported": r.supported, "otherwise": r.otherwise,
+                 "strict": r.action(True), "note": r.note}
+                for r in self.rows
+            ],
+        }
+
+    # ------------------------------------------------------------------ the policy
+    def _deviate(self, row_field: str, field: str, message: str, warnings: list[str]) -> None:
+        """Warn, or raise CapabilityError when the row's action under the policy is `reject`."""
+        if self.row(row_field).action(self.strict) == "reject":
+            raise CapabilityError(field, message + " (strict mode)" if self.strict else message)
+        warnings.append(message)
+
+    def apply(
+        self, req: GenerationRequest, options: OptionsStore | Mapping[str, Any] | None = None
+    ) -> GenerationRequest:
+        """Return a copy clamped to the table, with warnings; raise CapabilityError for rejections."""
+        if req.applied:
+            return req
+        r = req.copy()
+        warnings: list[str] = []
+        self._check_mode_and_scripts(r)
+        self._apply_sampler(r, warnings)
+        self._apply_size_and_steps(r, warnings)
+        self._apply_guidance(r, warnings)
+        self._apply_seeds_and_count(r, warnings)
+        self._apply_img2img(r, warnings)
+        self._apply_unsupported(r, warnings)
+        self._apply_overrides(r, options, warnings)
+        r.max_and_prompts = min(r.max_and_prompts, self.max_and_prompts)
+        r.timesteps = (
+            img2img_timesteps(float(r.denoising_strength), r.steps) if r.mode == "img2img"
+            else txt2img_timesteps(r.steps)
+        )
+        r.resolve_seeds()
+        r.warnings = list(dict.fromkeys(r.warnings + warnings))
+        r.applied = True
+        return r
+
+    def _check_mode_and_scripts(self, r: GenerationRequest) -> None:
+        if r.mode not in ("txt2img", "img2img"):
+            raise CapabilityError("mode", f"mode must be txt2img or img2img, got {r.mode!r}")
+        if r.mode == "img2img" and not self.img2img:
+            raise CapabilityError("mode", "img2img is not available: no VAE encoder model is loaded")
+        if r.script_name:
+            raise CapabilityError("script_name", f"Script '{r.script_name}' not found")
+        for name in r.alwayson_scripts:
+            raise CapabilityError("alwayson_scripts", f"always on script {name} not found")
+        if r.mask_given:
+            raise CapabilityError("mask", "inpainting is not supported (mask given)")
+
+    def _apply_sampler(self, r: GenerationRequest, warnings: list[str]) -> None:
+        name = (r.sampler_name or "").strip()
+        scheduler = (r.scheduler or "").strip()
+        for option in (o for pair in A1111_SCHEDULERS for o in pair):
+            if name.endswith(" " + option):
+                name, scheduler = name[: -len(option) - 1].strip(), option
+                break
+        if name and name.lower() not in {SAMPLER_NAME.lower(), *SAMPLER_ALIASES}:
+            self._deviate("sampler_name", "sampler_name",
+                          f"sampler_name '{r.sampler_name}' is not available; ran {SAMPLER_NAME}", warnings)
+        if scheduler and scheduler.lower() != SCHEDULER_NAME:
+            self._deviate("scheduler", "scheduler", f"scheduler '{scheduler}' is not available; ran the "
+                          f"fixed LCM schedule ({SCHEDULER_NAME})", warnings)
+        r.sampler_name, r.scheduler = SAMPLER_NAME, SCHEDULER_NAME
+
+    def _apply_size_and_steps(self, r: GenerationRequest, warnings: list[str]) -> None:
+        w, h = self.image_size
+        if (r.width is not None and r.width != w) or (r.height is not None and r.height != h):
+            field = "width" if r.width is not None and r.width != w else "height"
+            self._deviate("width", field, f"size {r.width or w}x{r.height or h} is not supported; generated "
+                          f"{w}x{h} (the compiled models' size)", warnings)
+        r.width, r.height = w, h
+        if r.steps is None:
+            r.steps = self.max_steps
+        elif not 1 <= r.steps <= self.max_steps:
+            clamped = min(max(r.steps, 1), self.max_steps)
+            self._deviate("steps", "steps", f"steps {r.steps} is not supported (1–{self.max_steps}); "
+                          f"ran {clamped}", warnings)
+            r.steps = clamped
+
+    def _apply_guidance(self, r: GenerationRequest, warnings: list[str]) -> None:
+        cfg = 1.0 if r.cfg_scale is None else float(r.cfg_scale)
+        if not self.guidance:
+            if cfg > 1:
+                warnings.append(f"cfg_scale {cfg:g} asks for guidance, but guidance=off: ran one UNet pass "
+                                "per step (cfg 1)")
+            cfg = 1.0
+        elif cfg > self.max_cfg_scale:
+            self._deviate("cfg_scale", "cfg_scale", f"cfg_scale {cfg:g} is above the maximum "
+                          f"{self.max_cfg_scale:g}; ran {self.max_cfg_scale:g}", warnings)
+            cfg = self.max_cfg_scale
+        if cfg <= 1 and r.negative_prompt.strip():
+            warnings.append("negative_prompt has no effect at cfg_scale ≤ 1 (one UNet pass per step)")
+        r.cfg_scale = cfg
+
+    def _apply_seeds_and_count(self, r: GenerationRequest, warnings: list[str]) -> None:
+        r.seed, r.subseed = parse_seed(r.seed, "seed"), parse_seed(r.subseed, "subseed")
+        strength = float(r.subseed_strength or 0.0)
+        if not 0 <= strength <= 1:
+            clamped = min(max(strength, 0.0), 1.0)
+            self._deviate("subseed_strength", "subseed_strength",
+                          f"subseed_strength {strength:g} is outside [0, 1]; ran {clamped:g}", warnings)
+            strength = clamped
+        r.subseed_strength = strength
+        batch, n_iter = r.batch_size, r.n_iter
+        if batch < 1 or n_iter < 1:
+            self._deviate("batch_size", "batch_size" if batch < 1 else "n_iter",
+                          f"batch_size {batch} × n_iter {n_iter}: both must be ≥ 1; ran at least 1", warnings)
+            batch, n_iter = max(batch, 1), max(n_iter, 1)
+        limit = self.max_images_per_request
+        if batch * n_iter > limit:
+            new_batch = min(batch, limit)
+            new_iter = max(1, min(n_iter, limit // new_batch))
+            self._deviate("batch_size", "batch_size" if batch > limit else "n_iter",
+                          f"batch_size {batch} × n_iter {n_iter} = {batch * n_iter} images is above "
+                          f"max_images_per_request {limit}; ran {new_batch} × {new_iter}", warnings)
+            batch, n_iter = new_batch, new_iter
+        r.batch_size, r.n_iter = batch, n_iter
+
+    def _apply_img2img(self, r: GenerationRequest, warnings: list[str]) -> None:
+        if r.mode != "img2img":
+            r.denoising_strength = None
+            return
+        strength = 0.75 if r.denoising_strength is None else float(r.denoising_strength)
+        if not MIN_DENOISING_STRENGTH <= strength <= 1:
+            clamped = min(max(strength, MIN_DENOISING_STRENGTH), 1.0)
+            self._deviate("denoising_strength", "denoising_strength",
+                          f"denoising_strength {strength:g} is outside (0, 1]; ran {clamped:g}", warnings)
+            strength = clamped
+        r.denoising_strength = strength
+        if r.resize_mode == 3:
+            warnings.append("resize_mode 3 (resize in latent space) is not supported; ran 0 (just resize)")
+            r.resize_mode = 0
+        elif r.resize_mode not in RESIZE_MODES:
+            raise CapabilityError("resize_mode", f"resize_mode must be 0, 1, 2 or 3, got {r.resize_mode}")
+
+    def _apply_unsupported(self, r: GenerationRequest, warnings: list[str]) -> None:
+        sent = r.unsupported
+        for flag, what in (("enable_hr", "hires fix"), ("restore_faces", "face restoration"),
+                           ("tiling", "tiling")):
+            if sent.get(flag):
+                warnings.append(f"{flag}: {what} is not supported; ignored")
+        if sent.get("styles"):
+            warnings.append(f"styles {list(sent['styles'])} are not supported (none installed); ignored")
+        clip_skip = sent.get("clip_skip")
+        if isinstance(clip_skip, (int, float)) and clip_skip > 1:
+            warnings.append(f"clip_skip {clip_skip:g} is not supported; ran 1")
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            value = sent.get(name)
+            if isinstance(value, (int, float)) and value > 0:
+                warnings.append(f"{name} {value:g} is not supported; ignored")
+        r.styles, r.clip_skip = [], 1
+
+    def _apply_overrides(self, r: GenerationRequest, options: Any, warnings: list[str]) -> None:
+        if options is None:
+            effective: dict[str, Any] = {}
+        else:
+            effective = dict(options) if isinstance(options, Mapping) else options.as_dict()
+        for key, value in r.override_settings.items():
+            if not known_option(key):
+                warnings.append(f"override_settings: unknown option '{key}' ignored")
+                continue
+            problem = _override_problem(key, value, options)
+            if problem:
+                warnings.append(f"override_settings: {problem}")
+                continue
+            effective[key] = value
+        r.emphasis = str(effective.get("emphasis", r.emphasis or DEFAULT_EMPHASIS))
+        if r.route == "sdapi":
+            r.samples_format = str(effective.get("samples_format", r.samples_format)).lower()
+        r.jpeg_quality = int(effective.get("jpeg_quality", r.jpeg_quality))
+
+
+def _override_problem(key: str, value: Any, options: Any) -> str | None:
+    """Why an override of a known option is not applied, or None."""
+    if key == "CLIP_stop_at_last_layers" and isinstance(value, (int, float)) and value > 1:
+        return f"CLIP_stop_at_last_layers {value:g} (clip skip) is not supported; ran 1"
+    if key == "sd_model_checkpoint":
+        resolve = getattr(options, "resolve_checkpoint", None)
+        if resolve is not None and resolve(value) is None:
+            return f"sd_model_checkpoint '{value}' is not the loaded model; ignored"
+        return None
+    if key == "samples_format" and str(value).lower() not in SAMPLES_FORMATS:
+        return f"samples_format '{value}' is not one of {', '.join(SAMPLES_FORMATS)}; ignored"
+    if key == "emphasis" and value not in EMPHASIS_MODES:
+        return f"emphasis '{value}' is not one of {', '.join(EMPHASIS_MODES)}; ignored"
+    if key == "jpeg_quality" and not (isinstance(value, (int, float)) and 1 <= value <= 100):
+        return f"jpeg_quality {value!r} is not in 1–100; ignored"
+    return None
