@@ -1,0 +1,115 @@
+"""run_server: load the models, then serve with uvicorn and shut down gracefully on SIGTERM/SIGINT.
+
+On a signal: new jobs get 503, queued jobs get 503 at once, the running job may finish (past
+`shutdown_timeout` it is interrupted and returns what it has), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from types import FrameType
+
+import uvicorn
+
+from ..runtime.session import ModelLoadError
+from ..service.engine import Engine, Wrap
+from ..settings import Settings
+from .app import create_app
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_MODEL_LOAD_FAILED = 2
+EXIT_SERVER_FAILED = 1
+GRACE_AFTER_INTERRUPT_S = 10.0  # an interrupted job still decodes and encodes its image
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Plain lines by default; JSON lines on every root handler with log_json."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(settings.log_level.upper())
+    if settings.log_json:
+        for handler in root.handlers:
+            handler.setFormatter(JsonLogFormatter())
+
+
+def is_exposed(host: str) -> bool:
+    """True when `host` is reachable from other machines."""
+    return host not in LOOPBACK_HOSTS and not host.startswith("127.")
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server that drains the engine first and exits normally (no re-raised signal)."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self._drainer: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
+        log.info("signal %s: draining (running job may take up to %.0f s)", sig, self.shutdown_timeout)
+        self.should_exit = True
+        if self._drainer is None:  # outside the signal handler: the handler may interrupt lock holders
+            self._drainer = threading.Thread(target=self._drain, name="drain", daemon=True)
+            self._drainer.start()
+
+    def _drain(self) -> None:
+        self.engine.begin_shutdown()
+        if not self.engine.queue.wait_idle(self.shutdown_timeout):
+            log.warning("running job exceeded shutdown_timeout=%.1f s: interrupting it",
+                        self.shutdown_timeout)
+            self.engine.interrupt()
+
+
+def run_server(settings: Settings, wrap: Wrap | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code. `wrap(role, session)` is for tests."""
+    configure_logging(settings)
+    if is_exposed(settings.host) and not settings.api_auth:
+        log.warning("listening on %s without --api-auth: anyone who can reach this port can use the NPU "
+                    "(set API_AUTH=user:pass or bind 127.0.0.1)", settings.host)
+    engine = Engine(settings, wrap=wrap)
+    try:
+        engine.start()
+    except ModelLoadError as exc:
+        log.error("cannot load the models: %s", exc)
+        return EXIT_MODEL_LOAD_FAILED
+    except (OSError, ValueError) as exc:
+        log.error("cannot start the engine: %s: %s", type(exc).__name__, exc)
+        return EXIT_MODEL_LOAD_FAILED
+    config = uvicorn.Config(
+        create_app(settings, engine), host=settings.host, port=settings.port, log_config=None,
+        access_log=False, lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_timeout + GRACE_AFTER_INTERRUPT_S),
+    )
+    server = GracefulServer(config, engine, settings.shutdown_timeout)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+        log.error("the HTTP server stopped: exit code %s", exc.code)
+        return int(exc.code or EXIT_SERVER_FAILED) if not isinstance(exc.code, str) else EXIT_SERVER_FAILED
+    if not server.started:
+        log.error("the HTTP server did not start on %s:%s", settings.host, settings.port)
+        return EXIT_SERVER_FAILED
+    log.info("stopped")
+    return EXIT_OK
