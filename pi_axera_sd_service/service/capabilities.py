@@ -234,8 +234,8 @@ class CapabilityTable:
         w, h = self.image_size
         if (r.width is not None and r.width != w) or (r.height is not None and r.height != h):
             field = "width" if r.width is not None and r.width != w else "height"
-            self._deviate("width", field, f"size {r.width or w}x{r.height or h} is not supported; generated "
-                          f"{w}x{h} (the compiled models' size)", warnings)
+            self._deviate("width", field, f"width x height {r.width or w}x{r.height or h} is not supported; "
+                          f"generated {w}x{h} (the compiled models' size)", warnings)
         r.width, r.height = w, h
         if r.steps is None:
             r.steps = self.max_steps

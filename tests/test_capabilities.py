@@ -1,0 +1,347 @@
+"""Every row of the capability table, under the lenient and the strict policy (unit level)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from pi_axera_sd_service.api.protocol import Img2ImgRequest, Txt2ImgRequest
+from pi_axera_sd_service.service.capabilities import CapabilityError, CapabilityTable
+from pi_axera_sd_service.service.request import GenerationRequest, from_sdapi
+from pi_axera_sd_service.settings import Settings
+
+POLICIES = [False, True]
+
+
+def make_table(strict: bool = False, with_encoder: bool = True, **settings: Any) -> CapabilityTable:
+    models = SimpleNamespace(
+        image_size=(512, 512), timesteps=(999, 759, 499, 259), vae_encoder=object() if with_encoder else None
+    )
+    return CapabilityTable.from_models(models, Settings(strict=strict, **settings))
+
+
+def req(**fields: Any) -> GenerationRequest:
+    if fields.get("mode") == "img2img":
+        fields.setdefault("init_images", [Image.new("RGB", (64, 64))])
+        fields.setdefault("denoising_strength", 0.75)
+    return GenerationRequest(**fields)
+
+
+def sdapi(mode: str, payload: dict[str, Any], tmp_path: Path) -> GenerationRequest:
+    model = (Txt2ImgRequest if mode == "txt2img" else Img2ImgRequest).model_validate(payload)
+    return from_sdapi(mode, model.model_dump(), model.model_fields_set, Settings(state_dir=tmp_path))
+
+
+def outcome(table: CapabilityTable, request: GenerationRequest) -> GenerationRequest | CapabilityError:
+    try:
+        return table.apply(request)
+    except CapabilityError as exc:
+        return exc
+
+
+# ---------------------------------------------------------------- clamps: warn when lenient, 422 when strict
+CLAMPS = [
+    ("width", dict(width=768, height=576), lambda r: (r.width, r.height) == (512, 512)),
+    ("steps", dict(steps=20), lambda r: r.steps == 4 and r.timesteps == [999, 759, 499, 259]),
+    ("steps", dict(steps=0), lambda r: r.steps == 1 and r.timesteps == [999]),
+    ("cfg_scale", dict(cfg_scale=7.0), lambda r: r.cfg_scale == 2.0),
+    (
+        "n_iter",
+        dict(batch_size=4, n_iter=4),
+        lambda r: r.batch_size * r.n_iter <= 8 and r.batch_size == 4,
+    ),
+    ("batch_size", dict(batch_size=12), lambda r: (r.batch_size, r.n_iter) == (8, 1)),
+    ("subseed_strength", dict(subseed_strength=1.5), lambda r: r.subseed_strength == 1.0),
+    (
+        "denoising_strength",
+        dict(mode="img2img", denoising_strength=1.7),
+        lambda r: r.denoising_strength == 1.0,
+    ),
+    (
+        "denoising_strength",
+        dict(mode="img2img", denoising_strength=0.0),
+        lambda r: 0 < r.denoising_strength <= 0.05 and r.timesteps == [259],
+    ),
+    ("sampler_name", dict(sampler_name="Euler a"), lambda r: r.sampler_name == "LCM"),
+]
+
+
+@pytest.mark.parametrize("strict", POLICIES)
+@pytest.mark.parametrize(("field", "fields", "check"), CLAMPS)
+def test_clamped_fields_warn_or_reject(strict: bool, field: str, fields: dict, check) -> None:
+    result = outcome(make_table(strict), req(**fields))
+    if strict:
+        assert isinstance(result, CapabilityError) and result.field == field
+        assert result.status_code == 422
+    else:
+        assert isinstance(result, GenerationRequest) and check(result)
+        assert any(field in w for w in result.warnings), result.warnings
+
+
+# ---------------------------------------------------------------- warn under both policies
+WARNINGS = [
+    (dict(scheduler="normal"), "scheduler"),
+    (dict(sampler_name="LCM Karras"), "scheduler 'Karras'"),
+    (dict(negative_prompt="blurry", cfg_scale=1.0), "negative_prompt"),
+    (dict(mode="img2img", resize_mode=3), "resize_mode 3"),
+    (dict(unsupported={"enable_hr": True}), "enable_hr"),
+    (dict(unsupported={"restore_faces": True}), "restore_faces"),
+    (dict(unsupported={"tiling": True}), "tiling"),
+    (dict(unsupported={"styles": ["cinematic"]}), "styles"),
+    (dict(unsupported={"clip_skip": 2}), "clip_skip"),
+    (dict(unsupported={"seed_resize_from_w": 640}), "seed_resize_from_w"),
+    (dict(override_settings={"no_such_option": 1}), "no_such_option"),
+    (dict(override_settings={"CLIP_stop_at_last_layers": 2}), "CLIP_stop_at_last_layers"),
+]
+
+
+@pytest.mark.parametrize("strict", POLICIES)
+@pytest.mark.parametrize(("fields", "needle"), WARNINGS)
+def test_warned_fields_never_fail(strict: bool, fields: dict, needle: str) -> None:
+    result = make_table(strict).apply(req(**fields))
+    assert any(needle in w for w in result.warnings), result.warnings
+
+
+@pytest.mark.parametrize("strict", POLICIES)
+def test_resize_mode_3_runs_as_0_and_others_are_rejected(strict: bool) -> None:
+    assert make_table(strict).apply(req(mode="img2img", resize_mode=3)).resize_mode == 0
+    for mode in (1, 2):
+        assert make_table(strict).apply(req(mode="img2img", resize_mode=mode)).warnings == []
+    with pytest.raises(CapabilityError) as err:
+        make_table(strict).apply(req(mode="img2img", resize_mode=7))
+    assert err.value.field == "resize_mode"
+
+
+# ---------------------------------------------------------------- rejections under both policies
+REJECTIONS = [
+    (dict(script_name="x/y plot"), "script_name", "Script 'x/y plot' not found"),
+    (dict(alwayson_scripts={"ADetailer": {"args": [False]}}), "alwayson_scripts", "ADetailer"),
+    (dict(mode="img2img", mask_given=True), "mask", "inpainting is not supported"),
+    (dict(seed="abc"), "seed", "integer"),
+    (dict(seed=1.5), "seed", "integer"),
+    (dict(subseed=[1]), "subseed", "integer"),
+]
+
+
+@pytest.mark.parametrize("strict", POLICIES)
+@pytest.mark.parametrize(("fields", "field", "needle"), REJECTIONS)
+def test_rejected_fields(strict: bool, fields: dict, field: str, needle: str) -> None:
+    with pytest.raises(CapabilityError) as err:
+        make_table(strict).apply(req(**fields))
+    assert err.value.field == field and needle in err.value.message and err.value.status_code == 422
+
+
+def test_img2img_needs_the_vae_encoder() -> None:
+    with pytest.raises(CapabilityError, match="img2img"):
+        make_table(with_encoder=False).apply(req(mode="img2img"))
+    assert make_table(with_encoder=False).to_dict()["modes"] == ["txt2img"]
+
+
+# ---------------------------------------------------------------- supported values are silent
+@pytest.mark.parametrize("strict", POLICIES)
+@pytest.mark.parametrize(
+    ("steps", "rows"),
+    [
+        (1, [999]),
+        (2, [999, 499]),
+        (3, [999, 759, 259]),
+        (4, [999, 759, 499, 259]),
+        (None, [999, 759, 499, 259]),
+    ],
+)
+def test_steps_use_the_stored_rows(strict: bool, steps: int | None, rows: list[int]) -> None:
+    result = make_table(strict).apply(req(steps=steps))
+    assert result.timesteps == rows and result.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("strength", "rows"), [(1.0, [999, 759, 499, 259]), (0.5, [499, 259]), (0.25, [259])]
+)
+def test_img2img_runs_the_tail_of_the_schedule(strength: float, rows: list[int]) -> None:
+    assert make_table().apply(req(mode="img2img", denoising_strength=strength)).timesteps == rows
+
+
+@pytest.mark.parametrize("strict", POLICIES)
+@pytest.mark.parametrize("name", ["LCM", "lcm", "k_lcm", "LCM Automatic", None])
+def test_lcm_names_are_silent(strict: bool, name: str | None) -> None:
+    assert make_table(strict).apply(req(sampler_name=name, scheduler="automatic")).warnings == []
+
+
+def test_guidance_range_and_guidance_off() -> None:
+    ran = make_table().apply(req(cfg_scale=1.5, negative_prompt="blurry"))
+    assert ran.cfg_scale == 1.5 and ran.warnings == []
+    off = make_table(guidance="off").apply(req(cfg_scale=1.5))
+    assert off.cfg_scale == 1.0 and any("guidance=off" in w for w in off.warnings)
+    assert make_table(strict=True, guidance="off").apply(req(cfg_scale=1.5)).cfg_scale == 1.0
+    assert make_table(max_cfg_scale=3.0).apply(req(cfg_scale=3.0)).cfg_scale == 3.0
+
+
+def test_seeds_follow_a1111() -> None:
+    table = make_table()
+    fixed = table.apply(req(seed=100, subseed=7, batch_size=2, n_iter=2))
+    assert fixed.all_seeds == [100, 101, 102, 103] and fixed.all_subseeds == [7, 8, 9, 10]
+    varied = table.apply(req(seed="100", subseed=7, subseed_strength=0.3, batch_size=3))
+    assert varied.all_seeds == [100, 100, 100]
+    for empty in (-1, None, ""):
+        drawn = table.apply(req(seed=empty, batch_size=2))
+        assert 0 <= drawn.seed < 2**32 and drawn.all_seeds[1] == (drawn.seed + 1) % 2**32
+    jobs = fixed.image_jobs()
+    assert [j.seed for j in jobs] == [100, 101, 102, 103] and all(
+        j.timesteps == fixed.timesteps for j in jobs
+    )
+
+
+def test_init_images_are_resized_and_cycled_over_the_batch() -> None:
+    red, blue = Image.new("RGB", (300, 200), "red"), Image.new("RGB", (64, 64), "blue")
+    applied = make_table().apply(req(mode="img2img", init_images=[red, blue], batch_size=2, n_iter=2))
+    jobs = applied.image_jobs()
+    assert all(j.init_image.size == (512, 512) for j in jobs)
+    colours = [j.init_image.getpixel((256, 256)) for j in jobs]
+    assert colours[0] == colours[2] == (255, 0, 0) and colours[1] == colours[3] == (0, 0, 255)
+
+
+def test_override_settings_apply_to_that_request_only() -> None:
+    table = make_table()
+    options = {"emphasis": "Original", "samples_format": "png", "jpeg_quality": 80}
+    ran = table.apply(req(override_settings={"emphasis": "No norm", "samples_format": "webp"}), options)
+    assert (ran.emphasis, ran.samples_format, ran.warnings) == ("No norm", "webp", [])
+    assert options["emphasis"] == "Original"
+    assert table.apply(req(), options).emphasis == "Original"
+
+
+# ---------------------------------------------------------------- what clients send by default
+WEBUIAPI_TXT2IMG = {
+    "enable_hr": False,
+    "hr_scale": 2,
+    "hr_upscaler": "Latent",
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "hr_checkpoint_name": None,
+    "hr_sampler_name": None,
+    "hr_scheduler": None,
+    "hr_prompt": "",
+    "hr_negative_prompt": "",
+    "denoising_strength": 0.7,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "prompt": "a cat",
+    "styles": [],
+    "seed": -1,
+    "subseed": -1,
+    "subseed_strength": 0.0,
+    "seed_resize_from_h": 0,
+    "seed_resize_from_w": 0,
+    "batch_size": 1,
+    "n_iter": 1,
+    "steps": 4,
+    "cfg_scale": 1.0,
+    "width": 512,
+    "height": 512,
+    "restore_faces": False,
+    "tiling": False,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "negative_prompt": "",
+    "eta": 1.0,
+    "s_churn": 0,
+    "s_tmax": 0,
+    "s_tmin": 0,
+    "s_noise": 1,
+    "override_settings": {},
+    "override_settings_restore_afterwards": True,
+    "sampler_name": "LCM",
+    "scheduler": "automatic",
+    "sampler_index": "LCM",
+    "script_name": None,
+    "script_args": [],
+    "send_images": True,
+    "save_images": False,
+    "alwayson_scripts": {},
+}
+
+
+@pytest.mark.parametrize("strict", POLICIES)
+def test_client_default_values_produce_no_warning(strict: bool, tmp_path: Path) -> None:
+    table = make_table(strict)
+    assert table.apply(sdapi("txt2img", WEBUIAPI_TXT2IMG, tmp_path)).warnings == []
+    aiya = {
+        "prompt": "a",
+        "seed_resize_from_h": -1,
+        "seed_resize_from_w": -1,
+        "denoising_strength": None,
+        "sampler_index": "LCM",
+        "styles": [],
+        "override_settings": {"CLIP_stop_at_last_layers": 1},
+    }
+    assert table.apply(sdapi("txt2img", aiya, tmp_path)).warnings == []
+    img2img = {
+        k: v for k, v in WEBUIAPI_TXT2IMG.items() if not k.startswith(("hr_", "firstphase", "enable_hr"))
+    }
+    img2img.update(
+        init_images=[_png_b64()],
+        resize_mode=0,
+        denoising_strength=0.75,
+        mask_blur=4,
+        inpainting_fill=0,
+        inpaint_full_res=True,
+        inpaint_full_res_padding=0,
+        inpainting_mask_invert=0,
+        initial_noise_multiplier=1,
+        image_cfg_scale=1.5,
+        include_init_images=False,
+    )
+    assert table.apply(sdapi("img2img", img2img, tmp_path)).warnings == []
+    assert table.apply(sdapi("txt2img", {"prompt": "only a prompt"}, tmp_path)).warnings == []
+
+
+def _png_b64() -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "green").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_to_dict_lists_every_row_with_both_policies() -> None:
+    lenient, strict = make_table().to_dict(), make_table(strict=True).to_dict()
+    fields = " ".join(r["field"] for r in lenient["rows"])
+    for name in (
+        "width",
+        "steps",
+        "sampler_name",
+        "sampler_index",
+        "scheduler",
+        "cfg_scale",
+        "negative_prompt",
+        "seed",
+        "subseed_strength",
+        "batch_size",
+        "n_iter",
+        "denoising_strength",
+        "resize_mode",
+        "init_images",
+        "mask",
+        "enable_hr",
+        "restore_faces",
+        "tiling",
+        "styles",
+        "clip_skip",
+        "seed_resize_from",
+        "script_name",
+        "alwayson_scripts",
+        "override_settings",
+        "eta",
+        "s_noise",
+    ):
+        assert name in fields, name
+    assert all({"field", "supported", "otherwise", "strict", "note"} <= set(r) for r in lenient["rows"])
+    by_field = {r["field"]: r for r in strict["rows"]}
+    assert by_field["steps"]["strict"] == "reject" and by_field["scheduler"]["strict"] == "warn"
+    assert lenient["image_size"] == {"width": 512, "height": 512} and lenient["policy"] == "lenient"
+    assert strict["policy"] == "strict"
