@@ -59,6 +59,15 @@ def test_undecodable_data_raises_image_decode_error(payload):
         decode_image_b64(payload, max_pixels=1000)
 
 
+def test_truncated_image_raises_image_decode_error():
+    raw = base64.b64decode(_png_b64(Image.effect_noise((64, 64), 50).convert("RGB")))
+    truncated = base64.b64encode(raw[: len(raw) // 2]).decode()
+    with pytest.raises(ImageDecodeError):
+        decode_image_b64(truncated, max_pixels=10_000)
+    with pytest.raises(ImageDecodeError):
+        read_infotext(b"\x89PNG not really")
+
+
 def test_formats_outside_png_jpeg_webp_are_refused():
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="GIF")
