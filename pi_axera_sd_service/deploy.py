@@ -21,13 +21,14 @@ SERVICE_NAME = "pi_axera_sd_generator"
 TEMPLATE_PATH = Path(__file__).with_name(f"{SERVICE_NAME}.service")
 DEFAULT_ENV_FILE = Path(f"/etc/default/{SERVICE_NAME}")
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
-STOP_MARGIN_S = 15  # uvicorn shutdown + model unload after the last job
+GRACE_AFTER_SHUTDOWN_S = 10  # api/server.py lets uvicorn wait shutdown_timeout + 10 s for an interrupted job
+STOP_MARGIN_S = 10  # then the engine and the process still have to exit
 _TOKEN = re.compile(r"\{\{([a-z_]+)\}\}")
 
 
 def stop_timeout(shutdown_timeout: float) -> int:
-    """TimeoutStopSec: the graceful-shutdown timeout plus a margin, whole seconds."""
-    return int(math.ceil(shutdown_timeout)) + STOP_MARGIN_S
+    """TimeoutStopSec: longer than the service's own longest shutdown, whole seconds."""
+    return int(math.ceil(shutdown_timeout)) + GRACE_AFTER_SHUTDOWN_S + STOP_MARGIN_S
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
