@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -194,3 +199,37 @@ def test_install_service_renders_a_unit_for_this_venv(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert f"ExecStart={Path(sys.prefix).absolute()}/bin/pi-axera-sd serve" in proc.stdout
     assert "User=pi" in proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_bare_script_serves_the_demo_pack_when_no_models_exist(cache_dir: Path, tmp_path: Path) -> None:
+    """The README's first command: no subcommand means serve; an empty folder falls back to the demo."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in MODEL_ENV}
+    proc = subprocess.Popen(
+        [sys.executable, ROOT / "pi_axera_sd_service" / "pi_axera_sd_generator.py", "--port", str(port),
+         "--cache-dir", cache_dir, "--state-dir", tmp_path / "state"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        health = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    health = json.load(response)
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert health is not None, "server did not answer /health"
+        assert health["backend"] == "onnxruntime"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "serving the demo pack" in output
