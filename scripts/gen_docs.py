@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Generate docs/configuration.md (from Settings and the CLI) and docs/capabilities.md (from the capability table).
+"""Generate docs/configuration.md (Settings + CLI) and docs/capabilities.md (the capability table).
 
-    .venv/bin/python scripts/gen_docs.py            write both documents
-    .venv/bin/python scripts/gen_docs.py --check    exit 1 when a document differs from what would be written
-    .venv/bin/python scripts/gen_docs.py --print configuration   print one document
+.venv/bin/python scripts/gen_docs.py            write both documents
+.venv/bin/python scripts/gen_docs.py --check    exit 1 when a document differs from what would be written
+.venv/bin/python scripts/gen_docs.py --print configuration   print one document
 """
 
 from __future__ import annotations
@@ -121,7 +121,10 @@ def configuration_md() -> str:
         if section != current:
             current = section
             out += [f"## {section[:1].upper()}{section[1:]}", ""]
-            out += ["| setting | environment | flag | type | default | description |", "|---|---|---|---|---|---|"]
+            out += [
+                "| setting | environment | flag | type | default | description |",
+                "|---|---|---|---|---|---|",
+            ]
         field = Settings.model_fields[flag.field]
         kind = _type_name(field.annotation)
         limits = _constraints(field)
@@ -129,14 +132,19 @@ def configuration_md() -> str:
             kind += f" ({limits})"
         options = " ".join(f"`{o}`" for o in flags.get(flag.field, [])) or "—"
         out.append(
-            f"| `{flag.field}` | `{flag.env}` | {options} | {kind} | {_cell(_default(flag.field, flag.default))} "
+            f"| `{flag.field}` | `{flag.env}` | {options} | {kind} "
+            f"| {_cell(_default(flag.field, flag.default))} "
             f"| {_cell(flag.description)} |"
         )
         if _next_section_differs(flag.field, sections):
             out.append("")
     missing = [f.field for f in settings_flags() if f.field not in flags]
     if missing:
-        out += ["", "Settings without a `serve` flag (environment only): " + ", ".join(f"`{m}`" for m in missing), ""]
+        out += [
+            "",
+            "Settings without a `serve` flag (environment only): " + ", ".join(f"`{m}`" for m in missing),
+            "",
+        ]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -168,7 +176,9 @@ def capabilities_md(cache_dir: Path | None = None) -> str:
     out = [
         "# Capabilities: what each request field does on this hardware",
         "",
-        GENERATED.format(source="`CapabilityTable.to_dict()` (`pi_axera_sd_service/service/capabilities.py`)"),
+        GENERATED.format(
+            source="`CapabilityTable.to_dict()` (`pi_axera_sd_service/service/capabilities.py`)"
+        ),
         "",
         "A running service serves this table for its own models and settings at `GET /capabilities`;",
         "this page shows it for the standard 512×512 models (the demo pack has the same I/O contract)",
@@ -182,7 +192,7 @@ def capabilities_md(cache_dir: Path | None = None) -> str:
         "- **reject**: HTTP 422 (400 for an undecodable image, 404 for img2img without an init image).",
         "",
         "`STRICT=true` (`--strict`) turns clamps, and the rows marked so, into rejections: the",
-        "\"strict\" column. Warnings never fail a request otherwise.",
+        '"strict" column. Warnings never fail a request otherwise.',
         "",
         "## Limits",
         "",
@@ -193,7 +203,8 @@ def capabilities_md(cache_dir: Path | None = None) -> str:
         f"| steps | 1–{table['max_steps']} | — |",
         f"| modes | {', '.join(table['modes'])} | img2img needs `vae_encoder` |",
         f"| samplers / schedulers | {', '.join(table['samplers'])} / {', '.join(table['schedulers'])} | — |",
-        f"| guidance | {table['guidance']}, cfg_scale up to {table['max_cfg_scale']:g} | `GUIDANCE`, `MAX_CFG_SCALE` |",
+        f"| guidance | {table['guidance']}, cfg_scale up to {table['max_cfg_scale']:g} "
+        "| `GUIDANCE`, `MAX_CFG_SCALE` |",
         f"| images per request | {table['max_images_per_request']} | `MAX_IMAGES_PER_REQUEST` |",
         f"| `AND` sub-prompts run | {table['max_and_prompts']} | `MAX_AND_PROMPTS` |",
         f"| policy | {table['policy']} | `STRICT` |",
@@ -221,34 +232,89 @@ def _examples() -> list[dict[str, Any]]:
     """The requests shown in docs/api.md and RASPBERRY_PI_SETUP.md, in order."""
     return [
         {"name": "health", "method": "GET", "path": "/health"},
-        {"name": "generate_txt2img", "method": "POST", "path": "/generate",
-         "body": {"mode": "txt2img", "prompt": PROMPT, "seed": 42}},
-        {"name": "generate_img2img", "method": "POST", "path": "/generate",
-         "body": {"mode": "img2img", "prompt": PROMPT + ", winter", "init_image": IMAGE,
-                  "denoising_strength": 0.5, "seed": 7}},
+        {
+            "name": "generate_txt2img",
+            "method": "POST",
+            "path": "/generate",
+            "body": {"mode": "txt2img", "prompt": PROMPT, "seed": 42},
+        },
+        {
+            "name": "generate_img2img",
+            "method": "POST",
+            "path": "/generate",
+            "body": {
+                "mode": "img2img",
+                "prompt": PROMPT + ", winter",
+                "init_image": IMAGE,
+                "denoising_strength": 0.5,
+                "seed": 7,
+            },
+        },
         {"name": "generate_error", "method": "POST", "path": "/generate", "body": {"mode": "txt2img"}},
-        {"name": "txt2img", "method": "POST", "path": "/sdapi/v1/txt2img",
-         "body": {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 42, "steps": 4, "cfg_scale": 1.5,
-                  "width": 512, "height": 512, "batch_size": 2, "sampler_name": "Euler a"}},
-        {"name": "img2img", "method": "POST", "path": "/sdapi/v1/img2img",
-         "body": {"prompt": PROMPT + ", winter", "init_images": [IMAGE], "denoising_strength": 0.5,
-                  "seed": 7}},
+        {
+            "name": "txt2img",
+            "method": "POST",
+            "path": "/sdapi/v1/txt2img",
+            "body": {
+                "prompt": PROMPT,
+                "negative_prompt": "blurry",
+                "seed": 42,
+                "steps": 4,
+                "cfg_scale": 1.5,
+                "width": 512,
+                "height": 512,
+                "batch_size": 2,
+                "sampler_name": "Euler a",
+            },
+        },
+        {
+            "name": "img2img",
+            "method": "POST",
+            "path": "/sdapi/v1/img2img",
+            "body": {
+                "prompt": PROMPT + ", winter",
+                "init_images": [IMAGE],
+                "denoising_strength": 0.5,
+                "seed": 7,
+            },
+        },
         {"name": "img2img_no_image", "method": "POST", "path": "/sdapi/v1/img2img", "body": {"prompt": "x"}},
-        {"name": "txt2img_mask", "method": "POST", "path": "/sdapi/v1/img2img",
-         "body": {"prompt": "x", "init_images": [IMAGE], "mask": IMAGE}},
+        {
+            "name": "txt2img_mask",
+            "method": "POST",
+            "path": "/sdapi/v1/img2img",
+            "body": {"prompt": "x", "init_images": [IMAGE], "mask": IMAGE},
+        },
         {"name": "progress", "method": "GET", "path": "/sdapi/v1/progress"},
         {"name": "interrupt", "method": "POST", "path": "/sdapi/v1/interrupt"},
         {"name": "skip", "method": "POST", "path": "/sdapi/v1/skip"},
-        {"name": "internal_progress", "method": "POST", "path": "/internal/progress",
-         "body": {"id_task": "task(my-job-1)"}},
+        {
+            "name": "internal_progress",
+            "method": "POST",
+            "path": "/internal/progress",
+            "body": {"id_task": "task(my-job-1)"},
+        },
         {"name": "pending_tasks", "method": "GET", "path": "/internal/pending-tasks"},
         {"name": "ping", "method": "GET", "path": "/internal/ping"},
         {"name": "options_get", "method": "GET", "path": "/sdapi/v1/options"},
-        {"name": "options_post", "method": "POST", "path": "/sdapi/v1/options",
-         "body": {"samples_format": "jpeg"}},
-        {"name": "options_bad_model", "method": "POST", "path": "/sdapi/v1/options",
-         "body": {"sd_model_checkpoint": "dreamshaper_8"}},
-        {"name": "options_reset", "method": "POST", "path": "/sdapi/v1/options", "body": {"samples_format": "png"}},
+        {
+            "name": "options_post",
+            "method": "POST",
+            "path": "/sdapi/v1/options",
+            "body": {"samples_format": "jpeg"},
+        },
+        {
+            "name": "options_bad_model",
+            "method": "POST",
+            "path": "/sdapi/v1/options",
+            "body": {"sd_model_checkpoint": "dreamshaper_8"},
+        },
+        {
+            "name": "options_reset",
+            "method": "POST",
+            "path": "/sdapi/v1/options",
+            "body": {"samples_format": "png"},
+        },
         {"name": "sd_models", "method": "GET", "path": "/sdapi/v1/sd-models"},
         {"name": "samplers", "method": "GET", "path": "/sdapi/v1/samplers"},
         {"name": "schedulers", "method": "GET", "path": "/sdapi/v1/schedulers"},
@@ -299,10 +365,16 @@ def _curl(example: dict[str, Any], base: str) -> str:
     if IMAGE in body:  # too long for a command line: build the body from a file
         build = body.replace(f'"{IMAGE}"', "B64")
         return (
-            "python3 -c 'import base64, json; B64 = base64.b64encode(open(\"input.png\", \"rb\").read()).decode();\n"
-            f"print(json.dumps({build}))' > body.json\n"
-            f"curl -s {url} -H 'Content-Type: application/json' -d @body.json"
-        ).replace("true", "True").replace("false", "False").replace("null", "None")
+            (
+                "python3 -c 'import base64, json; "
+                'B64 = base64.b64encode(open("input.png", "rb").read()).decode();\n'
+                f"print(json.dumps({build}))' > body.json\n"
+                f"curl -s {url} -H 'Content-Type: application/json' -d @body.json"
+            )
+            .replace("true", "True")
+            .replace("false", "False")
+            .replace("null", "None")
+        )
     return f"curl -s {url} -H 'Content-Type: application/json' \\\n  -d '{body}'"
 
 
@@ -323,9 +395,24 @@ def capture_examples(base_url: str | None = None) -> str:
         base_url = f"http://127.0.0.1:{port}"
         cache = Path(tempfile.gettempdir()) / "pi_axera_sd_gen_docs_cache"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pi_axera_sd_service", "serve", "--demo", "--port", str(port),
-             "--cache-dir", str(cache), "--state-dir", f"{tmp.name}/state", "--output-dir", f"{tmp.name}/out"],
-            cwd=tmp.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "pi_axera_sd_service",
+                "serve",
+                "--demo",
+                "--port",
+                str(port),
+                "--cache-dir",
+                str(cache),
+                "--state-dir",
+                f"{tmp.name}/state",
+                "--output-dir",
+                f"{tmp.name}/out",
+            ],
+            cwd=tmp.name,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for _ in range(120):
             try:
@@ -342,8 +429,12 @@ def capture_examples(base_url: str | None = None) -> str:
             if body is not None:
                 text = json.dumps(body).replace(f'"{IMAGE}"', json.dumps(image_b64 or ""))
                 data = text.encode()
-            req = urllib.request.Request(f"{base_url}{ex['path']}", data=data, method=ex["method"],
-                                         headers={"Content-Type": "application/json"} if data else {})
+            req = urllib.request.Request(
+                f"{base_url}{ex['path']}",
+                data=data,
+                method=ex["method"],
+                headers={"Content-Type": "application/json"} if data else {},
+            )
             start = time.perf_counter()
             try:
                 with urllib.request.urlopen(req, timeout=120) as resp:
@@ -365,8 +456,17 @@ def capture_examples(base_url: str | None = None) -> str:
                         seen.add(family.rsplit("_", 1)[0])
                         kept.append(line)
                 shown = "\n".join([*kept, "..."])
-            out += [f"<!-- example {ex['name']}: HTTP {status}, {elapsed:.0f} ms -->", "```bash",
-                    _curl(ex, "localhost:5000"), "```", f"HTTP {status}", f"```{fence}", shown, "```", ""]
+            out += [
+                f"<!-- example {ex['name']}: HTTP {status}, {elapsed:.0f} ms -->",
+                "```bash",
+                _curl(ex, "localhost:5000"),
+                "```",
+                f"HTTP {status}",
+                f"```{fence}",
+                shown,
+                "```",
+                "",
+            ]
     finally:
         if proc is not None:
             proc.terminate()
@@ -386,8 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="exit 1 when a document is out of date")
     p.add_argument("--print", dest="show", choices=sorted(GENERATORS), help="print one document to stdout")
-    p.add_argument("--examples", nargs="?", const="", metavar="URL",
-                   help="print the API examples with real responses (a demo-pack server unless URL is given)")
+    p.add_argument(
+        "--examples",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="print the API examples with real responses (a demo-pack server unless URL is given)",
+    )
     args = p.parse_args(argv)
     if args.examples is not None:
         sys.stdout.write(capture_examples(args.examples or None))
@@ -396,14 +501,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(GENERATORS[args.show][1]())
         return 0
     stale = 0
-    for name, (path, generate) in GENERATORS.items():
+    for path, generate in GENERATORS.values():
         text = generate()
         current = path.read_text(encoding="utf-8") if path.exists() else ""
         if current == text:
             continue
         if args.check:
             stale += 1
-            diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(path), "generated", lineterm="")
+            diff = difflib.unified_diff(
+                current.splitlines(), text.splitlines(), str(path), "generated", lineterm=""
+            )
             print("\n".join(list(diff)[:40]), file=sys.stderr)
             print(f"{path.relative_to(ROOT)} is out of date: run scripts/gen_docs.py", file=sys.stderr)
         else:
