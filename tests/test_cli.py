@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -233,3 +234,14 @@ def test_bare_script_serves_the_demo_pack_when_no_models_exist(cache_dir: Path, 
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
     assert "serving the demo pack" in output
+
+
+def test_readme_commands_and_links_are_real() -> None:
+    """The README's test command is what CI runs, and every relative link points at a file."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = "scripts/install.sh && .venv/bin/python -m pytest -q"
+    assert command in readme and command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "scripts/install.sh && .venv/bin/pi-axera-sd serve" in readme
+    missing = [target for target in re.findall(r"\]\(([^)#\s:]+)(?:#[^)]*)?\)", readme)
+               if not (ROOT / target).exists()]
+    assert not missing, f"README links to missing files: {missing}"
