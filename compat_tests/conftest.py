@@ -18,7 +18,8 @@ from compat_tests.helpers import Target, make_init_image, parse_auth
 from compat_tests.report import CompatReport
 
 START_TIMEOUT = float(os.environ.get("COMPAT_START_TIMEOUT", "60"))
-DEMO_AUTH = ("compat", "s3cret:pass")  # a password with a colon, as --api-auth allows
+DEMO_AUTH = ("compat", "s3cret")
+DEMO_MAX_IMAGES = 32  # demo images take milliseconds: long jobs for progress/interrupt checks need many
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -103,13 +104,19 @@ def _stop(proc: subprocess.Popen) -> None:
 def _start_demo_server(config: pytest.Config, workdir: Path, name: str,
                        extra: list[str]) -> tuple[subprocess.Popen, Target]:
     port = _free_port()
-    cache = Path(os.environ.get("COMPAT_CACHE_DIR") or config.cache.mkdir("compat_tests_cache"))
+    if os.environ.get("COMPAT_CACHE_DIR"):
+        cache = Path(os.environ["COMPAT_CACHE_DIR"])
+    elif getattr(config, "cache", None) is not None:  # stable across runs: the demo pack is made once
+        cache = Path(config.cache.mkdir("compat_tests_cache"))
+    else:
+        cache = workdir / "cache"
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     cmd = [sys.executable, "-m", "pi_axera_sd_service", "serve", "--demo",
            "--host", "127.0.0.1", "--port", str(port),
            "--cache-dir", str(cache), "--state-dir", str(workdir / "state"),
-           "--output-dir", str(workdir / "output"), "--shutdown-timeout", "5", *extra]
+           "--output-dir", str(workdir / "output"), "--shutdown-timeout", "5",
+           "--max-images-per-request", str(DEMO_MAX_IMAGES), *extra]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_clean_env(),
                                 cwd=str(workdir))
@@ -158,6 +165,12 @@ def _record_target(config: pytest.Config, tgt: Target) -> None:
     plugin = getattr(config, "_compat_report", None)
     if plugin is not None:
         plugin.set_target(tgt)
+
+
+@pytest.fixture(scope="session")
+def long_job(target) -> dict[str, int]:
+    """batch_size/n_iter of a job long enough to watch /progress and interrupt it (1-2 s on the demo pack)."""
+    return {"batch_size": 4, "n_iter": 8} if target.demo else {"batch_size": 2, "n_iter": 4}
 
 
 @pytest.fixture(scope="session")

@@ -115,9 +115,9 @@ def test_generate_img2img_with_png_info(target, session, init_image):
     _check_images_with_png_info(target, session, _dream(target, session, body))
 
 
-def test_progress_polling(target, session):
+def test_progress_polling(target, session, long_job):
     """update_progress: state.job non-empty while running, current_image present, eta_relative, progress."""
-    body = dict(load_payload("aiya_txt2img")["body"], n_iter=4, batch_size=2)
+    body = dict(load_payload("aiya_txt2img")["body"], **long_job)
     poller = requests.Session()
     poller.auth = session.auth
 
@@ -125,7 +125,8 @@ def test_progress_polling(target, session):
         r = poller.get(target.url("/sdapi/v1/progress"), timeout=30)
         assert r.status_code == 200
         p = r.json()
-        p["current_image"]  # the key must exist (AIYA indexes it)
+        if p["current_image"]:  # the key must exist (AIYA indexes it); base64 or null
+            Image.open(io.BytesIO(base64.b64decode(p["current_image"]))).load()
         if p["eta_relative"] != 0:
             1 / p["eta_relative"]
         float(p["progress"]) * 100
@@ -134,7 +135,7 @@ def test_progress_polling(target, session):
 
     gen = Background(lambda: _dream(target, session, body))
     seen = poll_while(gen, poll, interval=0.01)
-    assert len(gen.get()["images"]) == 8
+    assert len(gen.get()["images"]) == long_job["batch_size"] * long_job["n_iter"]
     running = [p for alive, p in seen if alive]
     assert running, "no /progress answer while the generation ran"
     assert any(p["state"]["job"] != "" for p in running), "state.job stayed '' while generating"

@@ -86,13 +86,13 @@ def test_generate(target):
     assert img.format == "PNG" and img.size == MODEL_SIZE
 
 
-def test_interrupt_when_browser_disconnects(target):
+def test_interrupt_when_browser_disconnects(target, long_job):
     """The browser socket closes mid-generation: the server POSTs /interrupt; the next job runs fully."""
-    body = dict(load_payload("sillytavern_txt2img")["body"], batch_size=4, n_iter=2, save_images=False)
+    body = dict(load_payload("sillytavern_txt2img")["body"], save_images=False, **long_job)
 
     def abandoned():
         try:
-            requests.post(target.url("/sdapi/v1/txt2img"), json=body, headers=_h(target), timeout=(5, 0.3))
+            requests.post(target.url("/sdapi/v1/txt2img"), json=body, headers=_h(target), timeout=(5, 0.1))
         except requests.ReadTimeout:
             return "disconnected"
         return "finished"
