@@ -116,7 +116,8 @@ def demo_pack(cache_dir: Path) -> Path:
 def with_demo_fallback(settings: Settings) -> Settings:
     """Serve the demo pack when no model path is configured and ./models holds no model files.
 
-    A folder holding some but not all files is not replaced: loading it then names what is missing.
+    A folder holding some but not all files, or models the backend cannot open, is not replaced:
+    loading then fails naming what is wrong.
     """
     from pi_axera_sd_service.runtime.session import ModelLoadError
 
@@ -124,12 +125,11 @@ def with_demo_fallback(settings: Settings) -> Settings:
         return settings
     try:
         files, _ = resolve_files(settings)
-        found = [p for p in (files.text_encoder, files.unet, files.vae_decoder) if Path(p).is_file()]
-        reason = f"no model files in {Path(files.unet).parent.resolve()}"
-    except ModelLoadError as exc:
-        found, reason = [], str(exc)
-    if found:
+    except ModelLoadError:
+        return settings  # e.g. .axmodel files without axengine: let the load report it
+    if any(Path(p).is_file() for p in (files.text_encoder, files.unet, files.vae_decoder)):
         return settings
+    reason = f"no model files in {Path(files.unet).parent.resolve()}"
     log.warning(
         "%s and no model paths configured: serving the demo pack on the CPU "
         "(set MODEL_DIR or --model-dir to serve real models)",

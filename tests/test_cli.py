@@ -181,6 +181,10 @@ def test_serve_falls_back_to_the_demo_pack_only_without_models(
     assert with_demo_fallback(Settings(cache_dir=cache_dir)).demo is True
     configured = Settings(cache_dir=cache_dir, model_dir=tmp_path / "elsewhere")
     assert with_demo_fallback(configured).demo is False  # a configured path is never silently replaced
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "unet.axmodel").write_bytes(b"partial install")
+    assert with_demo_fallback(Settings(cache_dir=cache_dir)).demo is False  # loading names what is missing
+    shutil.rmtree(tmp_path / "models")
     shutil.copytree(pack, tmp_path / "models")
     assert with_demo_fallback(Settings(cache_dir=cache_dir)).demo is False
 
