@@ -288,9 +288,10 @@ def print_result(result: GenerateResult) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP service (demo pack when nothing is configured and ./models is empty)."""
-    from pi_axera_sd_service.api.server import run_server
+    from pi_axera_sd_service.api.server import configure_logging, run_server
 
-    settings = settings_from_args(args)  # logging is configured by the server (LOG_JSON, LOG_LEVEL)
+    settings = settings_from_args(args)
+    configure_logging(settings)  # the server's format (LOG_JSON, LOG_LEVEL) for the fallback line too
     return int(run_server(with_demo_fallback(settings)) or 0)
 
 
