@@ -323,3 +323,13 @@ def test_capabilities_endpoint_serves_the_table(app_client) -> None:
     table = app_client.get("/capabilities").json()
     assert table["image_size"] == {"width": 512, "height": 512} and table["policy"] == "lenient"
     assert any(row["field"] == "steps" for row in table["rows"])
+
+
+def test_infotext_field_fills_unset_fields(app_client) -> None:
+    infotext = (
+        "a castle\nNegative prompt: fog\nSteps: 2, Sampler: LCM, CFG scale: 1.5, Seed: 4242, Size: 512x512"
+    )
+    body = app_client.post("/sdapi/v1/txt2img", json={"infotext": infotext, "steps": 3}).json()
+    info = json.loads(body["info"])
+    assert (info["prompt"], info["negative_prompt"], info["seed"]) == ("a castle", "fog", 4242)
+    assert (info["steps"], info["cfg_scale"]) == (3, 1.5)

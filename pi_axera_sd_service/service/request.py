@@ -207,7 +207,7 @@ def from_sdapi(
     mode: str, payload: Mapping[str, Any], fields_set: Iterable[str], settings: Settings
 ) -> GenerationRequest:
     """A1111 txt2img/img2img payload (model_dump of the protocol model) -> GenerationRequest."""
-    sent = _given(payload, fields_set)
+    sent = _with_infotext(_given(payload, fields_set))
     req = GenerationRequest(mode=mode, route="sdapi")
     _common_fields(req, sent, settings)
     sampler = sent.get("sampler_name") or sent.get("sampler_index")
@@ -235,6 +235,28 @@ def from_sdapi(
         req.denoising_strength = _float(sent, "denoising_strength", DEFAULT_DENOISING["sdapi"])
         req.resize_mode = _int(sent, "resize_mode", 0)
     return req
+
+
+# A1111 `infotext` request field: values parsed from it fill the fields the request did not set.
+INFOTEXT_FIELDS = {
+    "Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Seed": "seed",
+    "CFG scale": "cfg_scale", "Size-1": "width", "Size-2": "height", "Sampler": "sampler_name",
+    "Schedule type": "scheduler", "Variation seed": "subseed", "Variation seed strength": "subseed_strength",
+    "Denoising strength": "denoising_strength",
+}
+
+
+def _with_infotext(sent: dict[str, Any]) -> dict[str, Any]:
+    text = sent.get("infotext")
+    if not isinstance(text, str) or not text.strip():
+        return sent
+    from .infotext import parse_generation_parameters  # infotext imports this module
+
+    parsed = parse_generation_parameters(text)
+    filled = {
+        field: parsed[key] for key, field in INFOTEXT_FIELDS.items() if parsed.get(key) not in (None, "")
+    }
+    return {**filled, **sent}
 
 
 def from_generate(
