@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -163,8 +164,20 @@ def auth_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 def _record_target(config: pytest.Config, tgt: Target) -> None:
     plugin = getattr(config, "_compat_report", None)
-    if plugin is not None:
-        plugin.set_target(tgt)
+    if plugin is None:
+        return
+    health = {}
+    try:
+        r = requests.get(tgt.url("/health"), auth=tgt.auth, timeout=10)
+        health = r.json() if r.ok else {}
+    except (requests.RequestException, ValueError):
+        pass
+    commit = ""
+    if tgt.demo:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=config.rootpath,
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+    plugin.set_target(tgt, health, commit)
 
 
 @pytest.fixture(scope="session")

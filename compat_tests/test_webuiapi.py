@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -136,7 +137,8 @@ def test_interrupt(api, target, long_job):
         pytest.skip("generation finished before it was seen running; nothing to interrupt")
     assert poller.interrupt() == {}
     result = gen.get()
-    if busy["state"].get("job_no", 0) < long_job["n_iter"] - 2:  # A1111: job_no counts n_iter
+    state = busy["state"]
+    if state["job_no"] < state["job_count"] - 1:  # at least one more job was still to come
         assert len(result.images) < long_job["batch_size"] * long_job["n_iter"], \
             "interrupt did not stop the remaining images"
     after = api.txt2img(prompt=PROMPT, seed=22, batch_size=2)
@@ -163,6 +165,12 @@ def test_auth(auth_target):
     with pytest.raises(RuntimeError) as err:
         anon.txt2img(prompt=PROMPT, steps=1)
     assert err.value.args[0] == 401
+    assert json.loads(err.value.args[1])["detail"] == "Not authenticated"
+    anon.set_auth(auth_target.auth[0], auth_target.auth[1] + "-wrong")
+    with pytest.raises(RuntimeError) as err:
+        anon.txt2img(prompt=PROMPT, steps=1)
+    assert err.value.args[0] == 401
+    assert json.loads(err.value.args[1])["detail"] == "Incorrect username or password"
     anon.set_auth(*auth_target.auth)
     result = anon.txt2img(prompt=PROMPT, steps=1, seed=3)
     assert_model_image(result.image)
