@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import logging
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import httpx
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+
+from pi_axera_sd_service.service.engine import Engine
 
 TXT2IMG = "/sdapi/v1/txt2img"
 
@@ -189,3 +195,31 @@ def test_capabilities_route(live_server, settings_factory):
     body = httpx.get(server.url + "/capabilities", timeout=5).json()
     assert isinstance(body, dict) and body
 
+
+
+def test_one_structured_log_line_per_request(make_client, settings_factory, caplog):
+    client = make_client(settings_factory(log_json=True))
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buffer, format="PNG")
+    init = base64.b64encode(buffer.getvalue()).decode()
+    with caplog.at_level(logging.INFO, logger="pi_axera_sd_service.access"):
+        response = client.post("/sdapi/v1/img2img", headers={"X-Request-Id": "req-42"},
+                               json={"prompt": "a boat", "steps": 2, "init_images": [init], "cfg_scale": 1})
+    assert response.status_code == 200 and response.headers["X-Request-Id"] == "req-42"
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "pi_axera_sd_service.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "req-42" and line["route"] == "/sdapi/v1/img2img" and line["status"] == 200
+    assert line["params"]["init_images"] == [f"<base64: {len(init)} chars>"]
+    assert line["params"]["prompt"] == "a boat" and init not in json.dumps(line)
+    assert {"text", "unet", "vae_encode", "vae_decode"} <= set(line["stage_ms"])
+    assert line["task_id"].startswith("task(img2img-") and isinstance(line["warnings"], list)
+
+
+def test_health_is_503_until_the_engine_started(demo_models, settings_factory):
+    engine = Engine(settings_factory(), models=demo_models)
+    assert engine.health()["status"] == "starting"
+    engine.start()
+    assert engine.health()["status"] == "ok"
+    engine.shutdown(5)
+    assert engine.health()["status"] == "shutting_down"
