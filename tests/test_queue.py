@@ -197,18 +197,25 @@ def test_live_previews_decode_x0_only_when_enabled(engines, settings_factory, wr
     wrap = wrap_factory(delays={"unet": STEP_DELAY})
     engine = engines(settings_factory(live_previews=True, show_progress_every_n_steps=1), wrap)
     previews: list[str] = []
+    task_views: list[dict] = []
 
     async def scenario():
-        job = asyncio.create_task(engine.submit(request()))
+        job = asyncio.create_task(engine.submit(request(task_id="task(preview)")))
         while not job.done():
             image = engine.progress.snapshot()["current_image"]
             if image:
                 previews.append(image)
+                view = engine.task_progress("task(preview)", id_live_preview=-1)
+                if view["active"]:
+                    again = engine.task_progress("task(preview)", id_live_preview=view["id_live_preview"])
+                    task_views.append(view | {"again": again["live_preview"]})
             await asyncio.sleep(0.02)
         return await job
 
     result = asyncio.run(scenario())
     assert previews and wrap.calls("vae_decoder") == 4  # 3 previews (steps 1-3) + the final decode
+    assert task_views and task_views[0]["live_preview"].startswith("data:image/png;base64,")
+    assert task_views[0]["id_live_preview"] >= 1 and task_views[0]["again"] is None  # unchanged: not resent
     assert result.stage_ms["vae_preview"] > 0
 
 

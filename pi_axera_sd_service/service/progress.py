@@ -126,10 +126,17 @@ class ProgressState:
             value += (1 / self.job_count) * self.sampling_step / self.sampling_steps
         return min(value, 1.0)
 
-    def _preview_locked(self) -> str | None:
-        if self._preview is not None and self._preview_b64 is None:
-            self._preview_b64 = encode_png_b64(self._preview)
-        return self._preview_b64
+    def _encoded_preview(self) -> str | None:
+        """The current preview as base64 PNG; encoded outside the lock (the worker never waits on it)."""
+        with self._lock:
+            image, encoded, preview_id = self._preview, self._preview_b64, self.id_live_preview
+        if image is None or encoded is not None:
+            return encoded
+        encoded = encode_png_b64(image)
+        with self._lock:
+            if self.id_live_preview == preview_id:
+                self._preview_b64 = encoded
+        return encoded
 
     def snapshot(self, skip_current_image: bool = False) -> dict[str, Any]:
         """The body of GET /sdapi/v1/progress."""
@@ -150,9 +157,10 @@ class ProgressState:
             progress = PROGRESS_FLOOR + self._fraction()
             elapsed = time.time() - self.time_start
             eta_relative = max(0.0, elapsed / progress - elapsed)
-            image = None if skip_current_image else self._preview_locked()
-            return {"progress": min(progress, 1.0), "eta_relative": eta_relative, "state": state,
-                    "current_image": image, "textinfo": self.textinfo}
+            textinfo = self.textinfo
+        image = None if skip_current_image else self._encoded_preview()
+        return {"progress": min(progress, 1.0), "eta_relative": eta_relative, "state": state,
+                "current_image": image, "textinfo": textinfo}
 
     def active_view(self, task_id: str, id_live_preview: int, want_preview: bool) -> dict[str, Any] | None:
         """/internal/progress fields for the running task, or None when `task_id` is not running."""
@@ -162,15 +170,16 @@ class ProgressState:
             progress = self._fraction()
             elapsed = time.time() - self.time_start
             eta = elapsed / progress - elapsed if progress > 0 else None
-            live_preview = None
-            preview_id = id_live_preview
-            if want_preview and self.id_live_preview != id_live_preview:
-                encoded = self._preview_locked()
-                if encoded is not None:
-                    live_preview = "data:image/png;base64," + encoded
-                    preview_id = self.id_live_preview
-            return {"progress": progress, "eta": eta, "live_preview": live_preview,
-                    "id_live_preview": preview_id, "textinfo": self.textinfo}
+            current_id, textinfo = self.id_live_preview, self.textinfo
+        live_preview = None
+        preview_id = id_live_preview
+        if want_preview and current_id != id_live_preview:
+            encoded = self._encoded_preview()
+            if encoded is not None:
+                live_preview = "data:image/png;base64," + encoded
+                preview_id = current_id
+        return {"progress": progress, "eta": eta, "live_preview": live_preview,
+                "id_live_preview": preview_id, "textinfo": textinfo}
 
     def is_finished(self, task_id: str) -> bool:
         with self._lock:
