@@ -106,7 +106,7 @@ class CompatReport:
             out.append(f"| {client} | {n['pass']} | {n['fail'] + n['error']} | {n['skip']} |")
         out += ["", "## Checks", "", "| Client | Check | Result | Note |", "|---|---|---|---|"]
         for client in sorted(clients):
-            for row in clients[client]:
+            for row in sorted(clients[client], key=lambda r: r["check"].startswith("payload [")):
                 check, result = _short(row["check"], 120), ICON[row["result"]]
                 out.append(f"| {client} | {check} | {result} | {row['note']} |")
         out.append("")

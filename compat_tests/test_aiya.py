@@ -141,3 +141,33 @@ def test_progress_polling(target, session, long_job):
     assert any(p["state"]["job"] != "" for p in running), "state.job stayed '' while generating"
     assert wait_until(lambda: poll()["state"]["job"] == "" and poll()["state"]["job"] == "", timeout=10), \
         "state.job did not return to '' (twice in a row) after the generation"
+
+
+def test_buttons_interrupt_and_skip_while_idle(target, session):
+    """viewhandler.py buttons pressed when nothing runs must not cut the next generation short."""
+    r = session.post(target.url("/sdapi/v1/interrupt"), timeout=30)
+    assert r.status_code == 200 and r.json() == {}
+    r = session.post(target.url("/sdapi/v1/skip"), timeout=30)
+    assert r.status_code == 200
+    r.json()  # JSON (A1111: null)
+    body = dict(load_payload("aiya_txt2img")["body"], batch_size=2, n_iter=1)
+    assert len(_dream(target, session, body)["images"]) == 2
+
+
+def test_skip_button_during_generation(target, session, long_job):
+    """Skip mid-job: the bot's request still gets a 200 with decodable images."""
+    body = dict(load_payload("aiya_txt2img")["body"], **long_job)
+    gen = Background(lambda: _dream(target, session, body))
+    poller = requests.Session()
+    poller.auth = session.auth
+
+    def running() -> bool:
+        return poller.get(target.url("/sdapi/v1/progress"), timeout=30).json()["state"]["job"] != ""
+
+    if not wait_until(running, timeout=30, interval=0.005):
+        pytest.skip("the generation ended before it was seen running")
+    assert poller.post(target.url("/sdapi/v1/skip"), timeout=30).status_code == 200
+    data = gen.get()
+    assert 1 <= len(data["images"]) <= long_job["batch_size"] * long_job["n_iter"]
+    for b64 in data["images"]:
+        assert Image.open(io.BytesIO(base64.b64decode(b64))).size == MODEL_SIZE
