@@ -13,6 +13,9 @@ from compat_tests.helpers import Background, assert_model_image, is_busy, is_idl
 pytestmark = pytest.mark.client("webuiapi")
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
+INFO_KEYS = {"prompt", "all_prompts", "negative_prompt", "seed", "all_seeds", "subseed", "all_subseeds",
+             "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size", "index_of_first_image",
+             "infotexts", "sd_model_name", "sd_model_hash", "job_timestamp"}
 
 
 def _client(tgt) -> webuiapi.WebUIApi:
@@ -43,6 +46,11 @@ def test_txt2img_result_as_users_read_it(api):
     assert len(info["infotexts"]) == 1 and "Seed: 1234" in info["infotexts"][0]
     assert info["infotexts"][0].startswith(PROMPT)
     assert (info["width"], info["height"]) == result.image.size
+    missing = INFO_KEYS - info.keys()
+    assert not missing, f"info lacks {sorted(missing)}"
+    # info reports what ran (webuiapi sent steps 20 and "Euler a"), not what was asked for
+    assert info["sampler_name"] == "LCM" and 1 <= info["steps"] <= 4
+    assert f"Steps: {info['steps']}" in info["infotexts"][0] and "Sampler: LCM" in info["infotexts"][0]
     assert isinstance(result.parameters, dict) and result.parameters["prompt"] == PROMPT
     assert result.image.info.get("parameters") == info["infotexts"][0], "PNG lacks the infotext chunk"
 
