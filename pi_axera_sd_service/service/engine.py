@@ -10,23 +10,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
-import secrets
-import string
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image
 
 from ..pipeline.generate import Pipeline
 from ..pipeline.stages import StageError
 from ..pipeline.tokenizer import ClipTokenizer
 from .metrics import ServiceMetrics, note_request
-from .progress import ProgressState
+from .progress import ProgressControl, ProgressState
 from .queue import (
+    DEVICE_LOST_AFTER_FAILURES,
     ClientDisconnectedError,
     DeviceLostError,
     Job,
@@ -37,6 +34,8 @@ from .queue import (
     ServiceUnavailableError,
     ShuttingDownError,
     Worker,
+    looks_like_device_loss,
+    new_task_id,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientDisconnectedError", "DeviceLostError", "Engine", "GenerationResult", "NotReadyError",
     "QueueFullError", "QueueTimeoutError", "ServiceUnavailableError", "ShuttingDownError", "StageError",
+    "looks_like_device_loss", "new_task_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,23 +57,6 @@ log = logging.getLogger(__name__)
 Wrap = Callable[[str, "Session"], "Session"]
 SESSION_ROLES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DISCONNECT_POLL_S = 0.25
-DEVICE_LOST_AFTER_FAILURES = 3      # consecutive failed jobs (stage errors) mean the NPU is gone
-DEVICE_LOST_PATTERN = re.compile(
-    r"axclrt\w*\s*(?:\w+\s+)?fail|device\W.{0,24}(?:lost|removed|gone|not found|unavailable|reset)"
-    r"|no (?:npu )?device|npu\W.{0,24}(?:lost|hang|reset)",
-    re.IGNORECASE,
-)
-TASK_ID_CHARS = string.ascii_uppercase + string.digits
-
-
-def new_task_id(mode: str) -> str:
-    """`task(txt2img-XXXXXXXXXXXXXXX)` like A1111's create_task_id."""
-    return f"task({mode}-{''.join(secrets.choice(TASK_ID_CHARS) for _ in range(15))})"
-
-
-def looks_like_device_loss(message: str) -> bool:
-    """Heuristic on runtime error text: AXCLRT call failures or a device reported gone."""
-    return bool(DEVICE_LOST_PATTERN.search(message))
 
 
 @dataclass
@@ -96,26 +79,6 @@ class GenerationResult:
     queue_wait_ms: float = 0.0
     task_id: str = ""
     steps_run: list[int] = field(default_factory=list)
-
-
-class _Control:
-    """JobControl for one image: progress, stop flags and optional live previews."""
-
-    def __init__(self, engine: Engine, preview_every: int | None):
-        self.engine = engine
-        self.preview_every = preview_every
-        self.preview_ms = 0.0
-
-    def on_step(self, step: int, steps: int, x0: np.ndarray | None) -> None:
-        self.engine.progress.step(step, steps)
-        every = self.preview_every
-        if every and x0 is not None and step < steps and step % every == 0:
-            start = time.perf_counter()
-            self.engine.progress.set_preview(self.engine.pipeline.decode_preview(x0))
-            self.preview_ms += (time.perf_counter() - start) * 1000.0
-
-    def should_stop(self) -> bool:
-        return self.engine.progress.should_stop()
 
 
 def _stage_sums(timings_ms: dict[str, float], into: dict[str, float]) -> None:
@@ -328,7 +291,7 @@ class Engine:
                     interrupted = True
                     break
                 self.progress.next_image(index, len(image_job.timesteps))
-                control = _Control(self, preview_every)
+                control = ProgressControl(self.progress, self.pipeline.decode_preview, preview_every)
                 output = self.pipeline.generate(image_job, control)
                 if control.preview_ms:
                     stage_ms["vae_preview"] = stage_ms.get("vae_preview", 0.0) + control.preview_ms

@@ -12,8 +12,10 @@ import io
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 FINISHED_TASKS_KEPT = 64
@@ -189,3 +191,26 @@ class ProgressState:
     def busy(self) -> bool:
         with self._lock:
             return bool(self.job)
+
+
+class ProgressControl:
+    """The pipeline's JobControl for one image: reports steps, honours interrupt/skip, and decodes
+    a live preview of x0 every `preview_every` steps (None: off; the final step is never previewed)."""
+
+    def __init__(self, state: ProgressState, decode_preview: Callable[[np.ndarray], Image.Image],
+                 preview_every: int | None):
+        self.state = state
+        self.decode_preview = decode_preview
+        self.preview_every = preview_every
+        self.preview_ms = 0.0
+
+    def on_step(self, step: int, steps: int, x0: np.ndarray | None) -> None:
+        self.state.step(step, steps)
+        every = self.preview_every
+        if every and x0 is not None and step < steps and step % every == 0:
+            start = time.perf_counter()
+            self.state.set_preview(self.decode_preview(x0))
+            self.preview_ms += (time.perf_counter() - start) * 1000.0
+
+    def should_stop(self) -> bool:
+        return self.state.should_stop()

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
+import secrets
 import statistics
+import string
 import threading
 import time
 from collections import deque
@@ -22,6 +25,23 @@ log = logging.getLogger(__name__)
 
 RECENT_JOB_TIMES = 20          # jobs used for the Retry-After estimate
 DEFAULT_JOB_SECONDS = 3.0      # estimate before any job ran (≈ one AX650N image)
+DEVICE_LOST_AFTER_FAILURES = 3 # consecutive failed jobs (stage errors) mean the NPU is gone
+DEVICE_LOST_PATTERN = re.compile(
+    r"axclrt\w*\s*(?:\w+\s+)?fail|device\W.{0,24}(?:lost|removed|gone|not found|unavailable|reset)"
+    r"|no (?:npu )?device|npu\W.{0,24}(?:lost|hang|reset)",
+    re.IGNORECASE,
+)
+TASK_ID_CHARS = string.ascii_uppercase + string.digits
+
+
+def new_task_id(mode: str) -> str:
+    """`task(txt2img-XXXXXXXXXXXXXXX)` like A1111's create_task_id."""
+    return f"task({mode}-{''.join(secrets.choice(TASK_ID_CHARS) for _ in range(15))})"
+
+
+def looks_like_device_loss(message: str) -> bool:
+    """Heuristic on runtime error text: AXCLRT call failures or a device reported gone."""
+    return bool(DEVICE_LOST_PATTERN.search(message))
 
 
 class ServiceUnavailableError(Exception):
