@@ -22,8 +22,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     # --- models (upstream names keep working) ---
-    model_dir: Path | None = Field(None, description="One folder in the upstream layout (tokenizer/, unet.*, ...)")
-    text_model_dir: Path | None = Field(None, description="Folder holding tokenizer/ and text_encoder/ (upstream)")
+    model_dir: Path | None = Field(
+        None, description="One folder in the upstream layout (tokenizer/, unet.*, ...)"
+    )
+    text_model_dir: Path | None = Field(
+        None, description="Folder holding tokenizer/ and text_encoder/ (upstream)"
+    )
     text_encoder_model: Path | None = Field(None, description="Text encoder model file")
     unet_model: Path | None = Field(None, description="UNet model file")
     vae_decoder_model: Path | None = Field(None, description="VAE decoder model file")
@@ -39,7 +43,9 @@ class Settings(BaseSettings):
     # --- network ---
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(5000, description="Bind port")
-    api_auth: str | None = Field(None, description="user:pass[,user2:pass2] enables HTTP Basic on every route")
+    api_auth: str | None = Field(
+        None, description="user:pass[,user2:pass2] enables HTTP Basic on every route"
+    )
     auth_health: bool = Field(False, description="Also require auth on /health and /internal/ping")
     cors_allow_origins: str | None = Field(None, description="Comma-separated allowed CORS origins")
     cors_allow_origins_regex: str | None = Field(None, description="Regex of allowed CORS origins")
