@@ -205,8 +205,8 @@ class Engine:
         except ServiceUnavailableError as exc:
             self.metrics.reject(_reason(exc))
             raise
-        if not getattr(req, "task_id", None):
-            req.task_id = new_task_id(getattr(req, "mode", "txt2img"))
+        if not req.task_id:
+            req.task_id = new_task_id(req.mode)
         loop = asyncio.get_running_loop()
         job = Job(request=req, task_id=req.task_id, loop=loop, future=loop.create_future())
         try:
@@ -259,11 +259,7 @@ class Engine:
         return every if every > 0 else None
 
     def _option(self, key: str, default: Any) -> Any:
-        getter = getattr(self.options, "get", None)
-        try:
-            value = getter(key) if callable(getter) else None
-        except (KeyError, ValueError):
-            value = None
+        value = self.options.get(key) if self.options is not None else None
         return default if value is None else value
 
     def _run_job(self, job: Job) -> GenerationResult:
@@ -280,7 +276,7 @@ class Engine:
         images: list[Image.Image] = []
         done_jobs = []
         steps_run: list[int] = []
-        warnings: list[str] = list(getattr(req, "warnings", []) or [])
+        warnings: list[str] = list(req.warnings)
         stage_ms: dict[str, float] = {}
         skipped = 0
         interrupted = False
