@@ -27,20 +27,16 @@ from typing import Any  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
 
-from pi_axera_sd_service.settings import Settings, settings_flags, settings_from_cli  # noqa: E402
+from pi_axera_sd_service.settings import (  # noqa: E402
+    MODEL_PATH_FIELDS,
+    Settings,
+    settings_flags,
+    settings_from_cli,
+)
 
 PROG = "pi-axera-sd"
 SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install-service")
-MODEL_FIELDS = (
-    "model_dir",
-    "text_model_dir",
-    "text_encoder_model",
-    "unet_model",
-    "vae_decoder_model",
-    "vae_encoder_model",
-    "time_input_txt2img",
-)
-RUNTIME_FIELDS = (*MODEL_FIELDS, "backend", "device_id", "demo", "cache_dir", "log_level")
+RUNTIME_FIELDS = (*MODEL_PATH_FIELDS, "backend", "device_id", "demo", "cache_dir", "log_level")
 log = logging.getLogger("pi_axera_sd_service.cli")
 
 
@@ -98,19 +94,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def resolve_files(settings: Settings, model_dir: Path | None = None) -> tuple[Any, str]:
     """(ModelFiles, backend) for the configured models, an explicit folder, or the demo pack."""
     from pi_axera_sd_service.runtime.model_dir import resolve_model_files
+    from pi_axera_sd_service.service.engine import configured_model_files
 
     if model_dir is not None:
         return resolve_model_files(model_dir=model_dir, backend=settings.backend)
-    if settings.demo:
-        return resolve_model_files(model_dir=demo_pack(settings.cache_dir), backend="onnxruntime")
-    return resolve_model_files(**{f: getattr(settings, f) for f in MODEL_FIELDS}, backend=settings.backend)
-
-
-def demo_pack(cache_dir: Path) -> Path:
-    """The demo pack folder in the cache, generated on first use."""
-    from pi_axera_sd_service.runtime.demo_pack import demo_pack_dir
-
-    return demo_pack_dir(cache_dir)
+    return configured_model_files(settings)
 
 
 def with_demo_fallback(settings: Settings) -> Settings:
@@ -121,7 +109,7 @@ def with_demo_fallback(settings: Settings) -> Settings:
     """
     from pi_axera_sd_service.runtime.session import ModelLoadError
 
-    if settings.demo or any(getattr(settings, f) is not None for f in MODEL_FIELDS):
+    if settings.demo or settings.model_paths_configured:
         return settings
     try:
         files, _ = resolve_files(settings)
@@ -226,7 +214,7 @@ def generate_image(
     try:
         models = load_models(model_files, backend, device_id=settings.device_id, cache_dir=settings.cache_dir)
     except ModelLoadError as exc:
-        if settings.demo or any(getattr(settings, f) is not None for f in MODEL_FIELDS):
+        if settings.demo or settings.model_paths_configured:
             raise
         raise ModelLoadError(f"{exc} (no model paths configured: set --model-dir / MODEL_DIR, or try --demo)",
                              exc.path) from None

@@ -13,6 +13,10 @@ from typing import Any, Literal, NamedTuple
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MODEL_PATH_FIELDS = (
+    "model_dir", "text_model_dir", "text_encoder_model", "unet_model", "vae_decoder_model",
+    "vae_encoder_model", "time_input_txt2img",
+)
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pi_axera_sd_service"
 
 
@@ -76,6 +80,15 @@ class Settings(BaseSettings):
     show_progress_every_n_steps: int = Field(1, ge=1, description="Preview period in steps")
     log_json: bool = Field(False, description="One JSON object per log line")
     log_level: str = Field("INFO", description="Python logging level")
+
+    def model_paths(self) -> dict[str, Path | None]:
+        """The model path settings, as keyword arguments for `resolve_model_files`."""
+        return {name: getattr(self, name) for name in MODEL_PATH_FIELDS}
+
+    @property
+    def model_paths_configured(self) -> bool:
+        """True when any model path was set (no demo-pack fallback then)."""
+        return any(value is not None for value in self.model_paths().values())
 
 
 def cli_flag(field_name: str) -> str:

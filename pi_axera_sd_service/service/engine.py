@@ -39,7 +39,7 @@ from .queue import (
 )
 
 if TYPE_CHECKING:
-    from ..runtime.model_dir import LoadedModels
+    from ..runtime.model_dir import LoadedModels, ModelFiles
     from ..runtime.session import Session
     from ..settings import Settings
     from .capabilities import CapabilityTable
@@ -97,19 +97,21 @@ def wrap_models(models: LoadedModels, wrap: Wrap) -> LoadedModels:
     return dataclasses.replace(models, **changes)
 
 
-def load_configured_models(settings: Settings, wrap: Wrap | None = None) -> LoadedModels:
-    """Resolve the model files from settings (or the demo pack) and load them."""
+def configured_model_files(settings: Settings) -> tuple[ModelFiles, str]:
+    """(ModelFiles, backend) for the configured model paths, or the demo pack with `demo`."""
     from ..runtime.demo_pack import demo_pack_dir
-    from ..runtime.model_dir import load_models, resolve_model_files
+    from ..runtime.model_dir import resolve_model_files
 
     if settings.demo:
-        pack = demo_pack_dir(settings.cache_dir)
-        files, backend = resolve_model_files(model_dir=pack, backend="onnxruntime")
-    else:
-        fields = ("model_dir", "text_model_dir", "text_encoder_model", "unet_model", "vae_decoder_model",
-                  "vae_encoder_model", "time_input_txt2img")
-        files, backend = resolve_model_files(**{f: getattr(settings, f) for f in fields},
-                                             backend=settings.backend)
+        return resolve_model_files(model_dir=demo_pack_dir(settings.cache_dir), backend="onnxruntime")
+    return resolve_model_files(**settings.model_paths(), backend=settings.backend)
+
+
+def load_configured_models(settings: Settings, wrap: Wrap | None = None) -> LoadedModels:
+    """Resolve the model files from settings (or the demo pack) and load them."""
+    from ..runtime.model_dir import load_models
+
+    files, backend = configured_model_files(settings)
     return load_models(files, backend, device_id=settings.device_id, wrap=wrap, cache_dir=settings.cache_dir)
 
 
