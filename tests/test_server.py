@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -225,3 +226,32 @@ def test_health_is_503_until_the_engine_started(demo_models, settings_factory):
     assert engine.health()["status"] == "ok"
     engine.shutdown(5)
     assert engine.health()["status"] == "shutting_down"
+
+
+def test_server_answers_while_models_load_in_the_background(demo_models, settings_factory):
+    """While the models load (≈15 s on the NPU) health is 503 "starting" and jobs get 503 + Retry-After."""
+    from fastapi.testclient import TestClient
+
+    from pi_axera_sd_service.api.app import create_app
+
+    release = threading.Event()
+
+    class SlowLoadingEngine(Engine):
+        def start(self) -> None:
+            release.wait(10)
+            super().start()
+
+    settings = settings_factory()
+    engine = SlowLoadingEngine(settings, models=demo_models)
+    with TestClient(create_app(settings, engine, load_in_background=True)) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "starting"
+        busy = client.post("/generate", json={"mode": "txt2img", "prompt": "a fox"})
+        assert busy.status_code == 503 and busy.headers["Retry-After"]
+        assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+        release.set()
+        deadline = time.monotonic() + 10
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = client.post("/generate", json={"mode": "txt2img", "prompt": "a fox", "seed": 1})
+        assert done.status_code == 200 and done.json()["status"] == "ok"

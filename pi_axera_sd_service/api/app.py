@@ -85,14 +85,23 @@ def _cors_kwargs(settings: Settings) -> dict[str, Any] | None:
             "allow_methods": ["*"], "allow_headers": ["*"], "allow_credentials": True}
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The service app. The engine is started by the lifespan unless it is already running."""
+def create_app(
+    settings: Settings, engine: Engine | None = None, *, load_in_background: bool = False
+) -> FastAPI:
+    """The service app. The lifespan loads the models (unless the engine is already running).
+
+    With `load_in_background` the server answers at once while the models load (≈15 s on the NPU):
+    /health says "starting" (503) and generation routes answer 503 with Retry-After until ready.
+    """
     engine = engine or Engine(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not engine.started:
-            await asyncio.to_thread(engine.start)  # model load off the event loop
+            if load_in_background:
+                engine.start_in_background()
+            else:
+                await asyncio.to_thread(engine.start)  # model load off the event loop
         try:
             yield
         finally:

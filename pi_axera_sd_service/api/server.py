@@ -1,4 +1,6 @@
-"""run_server: load the models, then serve with uvicorn and shut down gracefully on SIGTERM/SIGINT.
+"""run_server: uvicorn with graceful shutdown; the lifespan loads the models in the background.
+
+While they load, /health is 503 "starting"; a load failure stops the server with exit code 2.
 
 On a signal: new jobs get 503, queued jobs get 503 at once, the running job may finish (past
 `shutdown_timeout` it is interrupted and returns what it has), then the process exits 0.
@@ -14,7 +16,6 @@ from types import FrameType
 
 import uvicorn
 
-from ..runtime.session import ModelLoadError
 from ..service.engine import Engine, Wrap
 from ..settings import Settings
 from .app import create_app
@@ -64,6 +65,11 @@ class GracefulServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self._drainer: threading.Thread | None = None
 
+    async def on_tick(self, counter: int) -> bool:
+        if self.engine.load_error:  # the lifespan's background model load failed: stop serving
+            self.should_exit = True
+        return await super().on_tick(counter)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
@@ -89,16 +95,9 @@ def run_server(settings: Settings, wrap: Wrap | None = None) -> int:
         log.warning("listening on %s without --api-auth: anyone who can reach this port can use the NPU "
                     "(set API_AUTH=user:pass or bind 127.0.0.1)", settings.host)
     engine = Engine(settings, wrap=wrap)
-    try:
-        engine.start()
-    except ModelLoadError as exc:
-        log.error("cannot load the models: %s", exc)
-        return EXIT_MODEL_LOAD_FAILED
-    except (OSError, ValueError) as exc:
-        log.error("cannot start the engine: %s: %s", type(exc).__name__, exc)
-        return EXIT_MODEL_LOAD_FAILED
     config = uvicorn.Config(
-        create_app(settings, engine), host=settings.host, port=settings.port, log_config=None,
+        create_app(settings, engine, load_in_background=True), host=settings.host, port=settings.port,
+        log_config=None,
         access_log=False, lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_timeout + GRACE_AFTER_INTERRUPT_S),
     )
@@ -108,6 +107,8 @@ def run_server(settings: Settings, wrap: Wrap | None = None) -> int:
     except SystemExit as exc:  # uvicorn exits this way when it cannot bind
         log.error("the HTTP server stopped: exit code %s", exc.code)
         return int(exc.code or EXIT_SERVER_FAILED) if not isinstance(exc.code, str) else EXIT_SERVER_FAILED
+    if engine.load_error:
+        return EXIT_MODEL_LOAD_FAILED
     if not server.started:
         log.error("the HTTP server did not start on %s:%s", settings.host, settings.port)
         return EXIT_SERVER_FAILED

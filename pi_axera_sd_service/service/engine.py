@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from PIL import Image
 from ..pipeline.generate import Pipeline
 from ..pipeline.stages import StageError
 from ..pipeline.tokenizer import ClipTokenizer
+from ..runtime.session import ModelLoadError
 from .metrics import ServiceMetrics, note_request
 from .progress import ProgressControl, ProgressState
 from .queue import (
@@ -133,6 +135,7 @@ class Engine:
         self.jobs_dropped = 0            # queued jobs whose client disconnected
         self.device_lost: str | None = None
         self._worker: Worker | None = None
+        self.load_error: str | None = None   # set when a background start failed
         self._shutting_down = False
         self._consecutive_failures = 0
 
@@ -155,6 +158,21 @@ class Engine:
         self._worker.start()
         log.info("engine ready: %s on %s (max_queue=%d)", self.models.model_name, self.models.backend,
                  self.settings.max_queue)
+
+    def start_in_background(self) -> threading.Thread:
+        """start() on a thread; a failure is logged and kept in `load_error` (health then says so)."""
+
+        def load() -> None:
+            try:
+                self.start()
+            except (ModelLoadError, OSError, ValueError) as exc:
+                self.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ModelLoadError) \
+                    else str(exc)
+                log.error("cannot load the models: %s", self.load_error)
+
+        thread = threading.Thread(target=load, name="model-load", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def started(self) -> bool:
@@ -191,6 +209,8 @@ class Engine:
             raise ShuttingDownError("The service is shutting down and accepts no new jobs")
         if self.device_lost:
             raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
+        if self.load_error:
+            raise DeviceLostError(f"The models failed to load ({self.load_error})")
         if self._worker is None:
             raise NotReadyError("Models are still loading", retry_after=5)
         if not self._worker.is_alive():
@@ -356,6 +376,8 @@ class Engine:
             status = "shutting_down"
         elif self.device_lost:
             status = "device_lost"
+        elif self.load_error:
+            status = "load_failed"
         elif self._worker is None:
             status = "starting"
         elif not self._worker.is_alive():
@@ -370,8 +392,8 @@ class Engine:
             "busy": self.progress.busy,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
         }
-        if self.device_lost:
-            body["detail"] = self.device_lost
+        if self.device_lost or self.load_error:
+            body["detail"] = self.device_lost or self.load_error
         return body
 
     def task_progress(self, id_task: str, id_live_preview: int = -1, live_preview: bool = True) -> dict:
