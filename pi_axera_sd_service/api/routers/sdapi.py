@@ -228,3 +228,22 @@ async def png_info_route(payload: PNGInfoRequest) -> Any:
         return await asyncio.to_thread(png_info, payload.image)
     except RequestError as exc:
         return a1111_error(exc.status_code, exc.message)
+
+
+# ---------------------------------------------------------------------------- interrogate
+INTERROGATE_UNAVAILABLE = (
+    "Image interrogation is not available: this service runs only the SD1.5-LCM generation models "
+    "(no CLIP/DeepDanbooru models are loaded)"
+)
+
+
+@router.post("/interrogate")
+async def interrogate() -> Any:
+    """501 in A1111's error shape, as the upstream service answered without its CLIP models."""
+    return a1111_error(501, INTERROGATE_UNAVAILABLE, "NotImplementedError")
+
+
+@router.post("/interrogate/structured")
+async def interrogate_structured() -> Any:
+    """The upstream service's structured variant: also 501 (the picker falls back on any error)."""
+    return a1111_error(501, INTERROGATE_UNAVAILABLE, "NotImplementedError")
