@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .capabilities import CapabilityTable
     from .options import OptionsStore
     from .request import GenerationRequest
+    from .results import EncodedResult
 
 __all__ = [
     "ClientDisconnectedError", "DeviceLostError", "Engine", "GenerationResult", "NotReadyError",
@@ -247,6 +248,27 @@ class Engine:
         note_request(warnings=result.warnings, stage_ms={k: round(v, 1) for k, v in result.stage_ms.items()},
                      queue_wait_ms=round(result.queue_wait_ms, 1))
         return result
+
+    async def generate(
+        self,
+        translate: Callable[[], GenerationRequest],
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> tuple[GenerationResult, EncodedResult]:
+        """What every generation route does: translate the payload (off the event loop), apply the
+        capability table, queue the job, then encode its images in this request's thread (not on the
+        NPU worker)."""
+        from .results import encode_result
+
+        if self.capabilities is None:
+            raise NotReadyError("Models are still loading", retry_after=5)
+        req = self.capabilities.apply(await asyncio.to_thread(translate), self.options)
+        result = await self.submit(req, is_disconnected=is_disconnected)
+        checkpoint = self.options.checkpoint if self.options else None
+        encoded = await asyncio.to_thread(
+            encode_result, result, checkpoint, png_compress_level=self.settings.png_compress_level,
+            output_dir=self.settings.output_dir,
+        )
+        return result, encoded
 
     async def _wait(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None) -> Any:
         """Await the job; while it is queued, enforce queue_timeout and drop it if the client left."""

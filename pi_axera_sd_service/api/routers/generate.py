@@ -6,7 +6,6 @@ upstream service answered; only server faults are 5xx (503 with Retry-After for 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -15,10 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from ...service.engine import Engine
-from ...service.options import CheckpointInfo
-from ...service.queue import NotReadyError
 from ...service.request import from_generate
-from ...service.results import encode_result
 from ..errors import generate_error, generate_error_for
 from ..protocol import GenerateRequest, GenerateResponse
 
@@ -53,27 +49,22 @@ async def generate(request: Request) -> Any:
 
     engine = _engine(request)
     try:
-        if engine.capabilities is None:
-            raise NotReadyError("Models are still loading", retry_after=5)
-        req = await asyncio.to_thread(
-            from_generate, payload.model_dump(), payload.model_fields_set, engine.settings
+        result, encoded = await engine.generate(
+            lambda: from_generate(payload.model_dump(), payload.model_fields_set, engine.settings),
+            request.is_disconnected,
         )
-        req = engine.capabilities.apply(req, engine.options)
-        result = await engine.submit(req, is_disconnected=request.is_disconnected)
     except Exception as exc:  # the expected ones become responses; others go to the app's handlers
         response = generate_error_for(exc)
         if response is None:
             raise
         return response
 
-    checkpoint = engine.options.checkpoint if engine.options else None
-    encoded = await asyncio.to_thread(_encode, result, checkpoint, engine)
     seeds = list(result.seeds)
     body_out: dict[str, Any] = {
         "status": "ok",
         "base64": encoded.images_b64[0] if encoded.images_b64 else None,
         "images": encoded.images_b64,
-        "seed": seeds[0] if seeds else (req.all_seeds[0] if req.all_seeds else None),
+        "seed": seeds[0] if seeds else (result.request.all_seeds[0] if result.request.all_seeds else None),
         "seeds": seeds,
         "text_time_ms": round(result.text_time_ms, 1),
         "total_time_ms": round(result.total_time_ms, 1),
@@ -82,8 +73,3 @@ async def generate(request: Request) -> Any:
     if encoded.paths:
         body_out["path"] = str(encoded.paths[0])
     return JSONResponse(body_out)
-
-
-def _encode(result: Any, checkpoint: CheckpointInfo | None, engine: Engine) -> Any:
-    return encode_result(result, checkpoint, png_compress_level=engine.settings.png_compress_level,
-                         output_dir=engine.settings.output_dir)

@@ -17,9 +17,8 @@ from fastapi.responses import JSONResponse
 from ...service.capabilities import SAMPLER_ALIASES, SAMPLER_NAME
 from ...service.engine import Engine
 from ...service.infotext import png_info
-from ...service.queue import NotReadyError
 from ...service.request import GenerationRequest, RequestError, from_sdapi
-from ...service.results import encode_result, sdapi_parameters
+from ...service.results import sdapi_parameters
 from ..errors import a1111_error, sdapi_error_for
 from ..protocol import (
     EmbeddingsResponse,
@@ -47,24 +46,17 @@ def _engine(request: Request) -> Engine:
 # ---------------------------------------------------------------------------- generation
 async def _generate(mode: str, payload: Txt2ImgRequest | Img2ImgRequest, request: Request) -> JSONResponse:
     engine = _engine(request)
+
+    def translate() -> GenerationRequest:
+        return from_sdapi(mode, payload.model_dump(), payload.model_fields_set, engine.settings)
+
     try:
-        if engine.capabilities is None:
-            raise NotReadyError("Models are still loading", retry_after=5)
-        req: GenerationRequest = await asyncio.to_thread(
-            from_sdapi, mode, payload.model_dump(), payload.model_fields_set, engine.settings
-        )
-        req = engine.capabilities.apply(req, engine.options)
-        result = await engine.submit(req, is_disconnected=request.is_disconnected)
+        _, encoded = await engine.generate(translate, request.is_disconnected)
     except Exception as exc:  # expected errors become A1111 bodies; others go to the app's handlers
         response = sdapi_error_for(exc)
         if response is None:
             raise
         return response
-    checkpoint = engine.options.checkpoint if engine.options else None
-    encoded = await asyncio.to_thread(
-        encode_result, result, checkpoint, png_compress_level=engine.settings.png_compress_level,
-        output_dir=engine.settings.output_dir,
-    )
     include = bool(getattr(payload, "include_init_images", False))
     body = {
         "images": encoded.images_b64,
