@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..pipeline.scheduler import img2img_timesteps, txt2img_timesteps
 from ..settings import Settings
-from .options import DEFAULT_EMPHASIS, EMPHASIS_MODES, SAMPLES_FORMATS, known_option
+from .options import DEFAULT_EMPHASIS, EMPHASIS_MODES, SAMPLES_FORMATS, OptionsStore, known_option
 from .request import CapabilityError, GenerationRequest, parse_seed
 
 if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels
-    from .options import OptionsStore
 
 __all__ = ["CapabilityError", "CapabilityRow", "CapabilityTable", "SAMPLER_NAME", "SAMPLER_ALIASES"]
 
@@ -318,7 +317,9 @@ class CapabilityTable:
                 warnings.append(f"{name} {value:g} is not supported; ignored")
         r.styles, r.clip_skip = [], 1
 
-    def _apply_overrides(self, r: GenerationRequest, options: Any, warnings: list[str]) -> None:
+    def _apply_overrides(
+        self, r: GenerationRequest, options: OptionsStore | Mapping[str, Any] | None, warnings: list[str]
+    ) -> None:
         if options is None:
             effective: dict[str, Any] = {}
         else:
@@ -338,13 +339,12 @@ class CapabilityTable:
         r.jpeg_quality = int(effective.get("jpeg_quality", r.jpeg_quality))
 
 
-def _override_problem(key: str, value: Any, options: Any) -> str | None:
+def _override_problem(key: str, value: Any, options: OptionsStore | Mapping[str, Any]) -> str | None:
     """Why an override of a known option is not applied, or None."""
     if key == "CLIP_stop_at_last_layers" and isinstance(value, (int, float)) and value > 1:
         return f"CLIP_stop_at_last_layers {value:g} (clip skip) is not supported; ran 1"
     if key == "sd_model_checkpoint":
-        resolve = getattr(options, "resolve_checkpoint", None)
-        if resolve is not None and resolve(value) is None:
+        if isinstance(options, OptionsStore) and options.resolve_checkpoint(value) is None:
             return f"sd_model_checkpoint '{value}' is not the loaded model; ignored"
         return None
     if key == "samples_format" and str(value).lower() not in SAMPLES_FORMATS:
