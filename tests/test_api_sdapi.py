@@ -342,3 +342,20 @@ def test_interrogate_says_clearly_it_is_not_available(app_client, path: str) -> 
     assert resp.status_code == 501
     body = resp.json()
     assert set(body) == {"error", "detail", "body", "errors"} and "interrogation" in body["detail"]
+
+
+ODD_VALUES = ["Infinity", "NaN", '"abc"', "[]", "{}", "-1", "1e308", "null"]
+ODD_FIELDS = ["steps", "width", "seed", "cfg_scale", "batch_size", "denoising_strength", "subseed_strength",
+              "resize_mode", "init_images", "override_settings", "styles", "eta"]
+
+
+@pytest.mark.parametrize("route", ["/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/generate"])
+def test_odd_values_get_a_client_error_never_a_500(app_client, route: str) -> None:
+    """Wrong types and non-finite numbers in any field: a JSON 4xx or a generated image, never a 5xx."""
+    mode = "img2img" if "img2img" in route else "txt2img"
+    for field in ODD_FIELDS:
+        for value in ODD_VALUES:
+            body = f'{{"mode": "{mode}", "prompt": "a fox", "n_iter": 1, "{field}": {value}}}'
+            resp = app_client.post(route, content=body, headers={"Content-Type": "application/json"})
+            assert resp.status_code < 500, (field, value, resp.text[:200])
+            assert isinstance(resp.json(), dict)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -66,6 +69,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
+    async def invalid_request(request: Request, exc: Exception) -> Response:
+        """FastAPI's 422 body, with values JSON cannot carry (Infinity, NaN) echoed as strings."""
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled %s on %s: %s", type(exc).__name__, request.url.path, exc, exc_info=exc)
         return JSONResponse(a1111_body("", type(exc).__name__, 500), status_code=500)
@@ -74,7 +82,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StageError, stage_failed)
     app.add_exception_handler(ClientDisconnectedError, client_gone)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, unexpected)
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats (which strict JSON cannot encode) by their text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _cors_kwargs(settings: Settings) -> dict[str, Any] | None:
