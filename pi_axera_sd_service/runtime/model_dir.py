@@ -249,36 +249,24 @@ def check_unet(session: Session) -> tuple[UNetInputNames, tuple[int, int, int, i
 def check_vae_decoder(session: Session, latent: tuple[int, ...]) -> None:
     """[1,4,h,w] -> [1,3,8h,8w]."""
     _, _, h, w = latent
-    if (
-        len(session.inputs) != 1
-        or session.inputs[0].dtype != np.float32
-        or not _fits(session.inputs[0], latent)
-    ):
-        raise _mismatch(
-            session,
-            "VAE decoder input",
-            session.inputs[0] if session.inputs else None,
-            f"one input {format_shape_dtype(latent, np.float32)}",
-        )
-    _first_output(session, (1, 3, 8 * h, 8 * w), "VAE decoder")
+    _check_one_float_input(session, "VAE decoder", tuple(latent), (1, 3, 8 * h, 8 * w))
 
 
 def check_vae_encoder(session: Session, latent: tuple[int, ...]) -> None:
     """[1,3,8h,8w] -> [1,8,h,w] (mean and logvar)."""
     _, _, h, w = latent
-    image = (1, 3, 8 * h, 8 * w)
-    if (
-        len(session.inputs) != 1
-        or session.inputs[0].dtype != np.float32
-        or not _fits(session.inputs[0], image)
-    ):
-        raise _mismatch(
-            session,
-            "VAE encoder input",
-            session.inputs[0] if session.inputs else None,
-            f"one input {format_shape_dtype(image, np.float32)}",
-        )
-    _first_output(session, (1, 8, h, w), "VAE encoder")
+    _check_one_float_input(session, "VAE encoder", (1, 3, 8 * h, 8 * w), (1, 8, h, w))
+
+
+def _check_one_float_input(
+    session: Session, label: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...]
+) -> None:
+    """Exactly one float32 input of `input_shape` (any name) and a first output of `output_shape`."""
+    inputs = session.inputs
+    if len(inputs) != 1 or inputs[0].dtype != np.float32 or not _fits(inputs[0], input_shape):
+        raise _mismatch(session, f"{label} input", inputs[0] if inputs else None,
+                        f"one input {format_shape_dtype(input_shape, np.float32)}")
+    _first_output(session, output_shape, label)
 
 
 def load_time_inputs(path: Path) -> np.ndarray:
