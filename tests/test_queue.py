@@ -257,3 +257,15 @@ def test_begin_shutdown_answers_queued_jobs_and_lets_running_finish(engines, set
         return await running
 
     assert len(asyncio.run(scenario()).images) == 1
+
+
+def test_a_batch_encodes_each_distinct_text_once(engines, settings_factory, wrap_factory):
+    """Four images of one request with guidance: the prompt and the negative prompt are encoded once each."""
+    wrap = wrap_factory()
+    engine = engines(settings_factory(), wrap)
+    req = GenerationRequest(prompt="a lighthouse at dusk", negative_prompt="fog", seed=3, batch_size=4,
+                            cfg_scale=1.5)
+    result = asyncio.run(engine.submit(engine.capabilities.apply(req)))
+    assert len(result.images) == 4 and result.seeds == [3, 4, 5, 6]
+    assert wrap.calls("text_encoder") == 2
+    assert wrap.calls("unet") == 4 * 4 * 2  # still two UNet passes per step for every image

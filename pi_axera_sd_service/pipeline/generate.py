@@ -105,8 +105,17 @@ class Pipeline:
         self._time_rows = {int(t): np.asarray(models.time_inputs[i], dtype=np.float32)[None]
                            for i, t in enumerate(models.timesteps)}
 
-    def generate(self, job: ImageJob, control: JobControl | None = None) -> ImageOutput:
-        """Run one image; stops early (decoding what it has) when control.should_stop()."""
+    def text_conditioner(self, emphasis: str = "Original") -> TextConditioner:
+        """A conditioner whose embedding cache the images of one request share."""
+        return TextConditioner(self.tokenizer, self.text_encoder, emphasis=emphasis)
+
+    def generate(
+        self, job: ImageJob, control: JobControl | None = None, conditioner: TextConditioner | None = None
+    ) -> ImageOutput:
+        """Run one image; stops early (decoding what it has) when control.should_stop().
+
+        Pass the request's `conditioner` so each distinct text is encoded once per request.
+        """
         timesteps = [int(t) for t in job.timesteps]
         unknown = [t for t in timesteps if t not in self._time_rows]
         if not timesteps or unknown:
@@ -118,7 +127,8 @@ class Pipeline:
         shape = tuple(self.models.latent_shape)
         guidance = job.cfg_scale > 1.0
 
-        conditioner = TextConditioner(self.tokenizer, self.text_encoder, emphasis=job.emphasis)
+        if conditioner is None or conditioner.emphasis != job.emphasis:
+            conditioner = self.text_conditioner(job.emphasis)
         with timer("text"):
             plan = conditioner.plan(job.prompt, job.negative_prompt, steps=len(timesteps),
                                     max_and_prompts=job.max_and_prompts, guidance=guidance)

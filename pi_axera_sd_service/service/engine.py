@@ -325,6 +325,7 @@ class Engine:
         skipped = 0
         interrupted = False
         preview_every = self._preview_period()
+        conditioner = self.pipeline.text_conditioner(req.emphasis)  # embeddings cached across the images
         try:
             for index, image_job in enumerate(image_jobs):
                 if self.progress.is_interrupted():
@@ -332,7 +333,7 @@ class Engine:
                     break
                 self.progress.next_image(index, len(image_job.timesteps))
                 control = ProgressControl(self.progress, self.pipeline.decode_preview, preview_every)
-                output = self.pipeline.generate(image_job, control)
+                output = self.pipeline.generate(image_job, control, conditioner)
                 if control.preview_ms:
                     stage_ms["vae_preview"] = stage_ms.get("vae_preview", 0.0) + control.preview_ms
                 if output.steps_run < len(image_job.timesteps):
