@@ -114,6 +114,36 @@ def test_relative_links_resolve(doc):
         assert (path.parent / target).exists(), f"{doc} links to missing {target}"
 
 
+API_BASE = "localhost:5000"
+
+
+def _api_doc() -> str:
+    return (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+
+
+def test_api_doc_shows_every_example_command(gen_docs):
+    text = _api_doc()
+    for ex in gen_docs._examples():
+        if ex.get("shown", True):
+            assert gen_docs._curl(ex, API_BASE) in text, f"docs/api.md lacks the {ex['name']} example"
+
+
+def test_api_doc_statuses_match_the_running_service(gen_docs):
+    """Each example in docs/api.md is followed by the HTTP status a demo-pack server returns now."""
+    captured = gen_docs.capture_examples()
+    text = _api_doc()
+    heads = re.findall(r"<!-- example (\w+): HTTP (\d+), \d+ ms -->", captured)
+    assert len(heads) == len(gen_docs._examples())
+    for (name, status), ex in zip(heads, gen_docs._examples(), strict=True):
+        assert name == ex["name"]
+        if not ex.get("shown", True):
+            continue
+        command = gen_docs._curl(ex, API_BASE)
+        after = text[text.index(command) + len(command) :]
+        shown = re.search(r"HTTP (\d+)", after).group(1)
+        assert shown == status, f"docs/api.md: HTTP {shown} for {ex['name']}; the service answers {status}"
+
+
 def test_api_doc_covers_every_route():
     """Every method + path the app serves has a `### `METHOD /path`` heading in docs/api.md."""
     from pi_axera_sd_service.api.app import create_app
