@@ -12,6 +12,7 @@ from PIL import Image, ImageFile
 from pi_axera_sd_service.pipeline.images import (
     ImageDecodeError,
     decode_image_b64,
+    decode_image_bytes,
     encode_image,
     image_to_nchw,
     nchw_to_image,
@@ -169,3 +170,88 @@ def test_png_is_lossless_and_compress_level_matters():
 def test_unknown_output_format_is_refused():
     with pytest.raises(ValueError):
         encode_image(Image.new("RGB", (4, 4)), "bmp", None)
+
+
+def _encoded(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def test_16_bit_grayscale_png_keeps_its_tones():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    out = np.asarray(decode_image_bytes(_encoded(Image.fromarray(ramp), "PNG"), max_pixels=10_000))
+    assert out.shape == (64, 64, 3)
+    expected = np.round(ramp / 257).astype(int)
+    assert np.abs(out[..., 0].astype(int) - expected).max() <= 1  # not saturated to white
+    assert np.array_equal(out[..., 0], out[..., 2])
+
+
+@pytest.mark.parametrize(
+    ("img", "params"),
+    [
+        (Image.new("RGB", (4, 4), (1, 2, 3)), {"transparency": (1, 2, 3)}),
+        (Image.new("L", (4, 4), 7), {"transparency": 7}),
+        (Image.new("P", (4, 4), 0), {"transparency": 0}),
+        (Image.new("LA", (4, 4), (100, 0)), {}),
+    ],
+    ids=["rgb-trns", "gray-trns", "palette-trns", "gray-alpha"],
+)
+def test_transparency_of_any_mode_becomes_white(img, params):
+    out = decode_image_bytes(_encoded(img, "PNG", **params), max_pixels=100)
+    assert out.mode == "RGB" and out.getpixel((1, 1)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_animated_image_gives_its_first_frame(fmt):
+    frames = [Image.new("RGB", (8, 8), RED), Image.new("RGB", (8, 8), GREEN)]
+    raw = _encoded(frames[0], fmt, save_all=True, append_images=frames[1:], lossless=True)
+    assert decode_image_bytes(raw, max_pixels=100).getpixel((2, 2)) == RED
+
+
+def test_cmyk_jpeg_and_grayscale_decode_to_rgb():
+    cmyk = decode_image_bytes(_encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), 100)
+    assert cmyk.mode == "RGB" and _is_colour(np.asarray(cmyk), RED)
+    gray = decode_image_bytes(_encoded(Image.new("L", (8, 8), 90), "PNG"), 100)
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (90, 90, 90)
+
+
+def test_corrupt_exif_does_not_reject_good_pixels():
+    raw = _encoded(Image.new("RGB", (20, 10), RED), "PNG", exif=b"Exif\x00\x00garbage-data-here")
+    out = decode_image_bytes(raw, max_pixels=1000)
+    assert out.size == (20, 10) and out.getpixel((3, 3)) == RED
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("size", [(1, 2000), (2000, 1)])
+def test_extreme_aspect_ratios_resize_without_huge_intermediates(monkeypatch, mode, size):
+    sizes: list[tuple[int, int]] = []
+    original = Image.Image.resize
+
+    def recording_resize(self, new_size, *args, **kwargs):
+        sizes.append(tuple(new_size))
+        return original(self, new_size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[...] = RED
+    out = resize_image(Image.fromarray(arr), mode, 512, 512)
+    assert out.size == (512, 512)
+    assert max(w * h for w, h in sizes) <= 512 * 512  # mode 1 used to build a 512x1024000 image
+    assert _is_colour(np.asarray(out)[200:300, 200:300], RED)
+
+
+def test_crop_and_resize_keeps_the_centre_of_a_tall_image():
+    arr = np.zeros((300, 100, 3), np.uint8)
+    arr[:100], arr[100:200], arr[200:] = GREEN, RED, BLUE
+    out = np.asarray(resize_image(Image.fromarray(arr), 1, 64, 64))
+    # cover: 100x300 -> 64x192, centre 64 rows are the red middle third
+    assert _is_colour(out[4:-4], RED)
+
+
+def test_jpeg_infotext_too_long_for_exif_is_shortened_not_an_error():
+    text = "🐱" * 20_000  # 80 kB as UTF-16: more than one JPEG APP1 segment holds
+    data = encode_image(Image.new("RGB", (8, 8)), "jpeg", text)
+    stored = read_infotext(data)
+    assert stored and text.startswith(stored)
+    assert read_infotext(encode_image(Image.new("RGB", (8, 8)), "webp", text)) == text

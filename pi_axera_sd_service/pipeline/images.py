@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 
@@ -21,6 +22,7 @@ _UNICODE_PREFIX = b"UNICODE\x00"
 _ASCII_PREFIX = b"ASCII\x00\x00\x00"
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _BACKGROUND = (255, 255, 255)
+JPEG_MAX_EXIF = 65533  # bytes in one APP1 segment (PIL refuses more)
 
 
 class ImageDecodeError(ValueError):
@@ -57,15 +59,28 @@ def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
         )
     try:
         img.load()
+    except Exception as exc:  # noqa: BLE001 - truncated data, broken chunks
+        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+    with contextlib.suppress(Exception):  # unreadable EXIF: the pixels are fine, keep them as stored
         img = ImageOps.exif_transpose(img)
+    try:
         return _flatten_to_rgb(img)
-    except Exception as exc:  # noqa: BLE001 - truncated data, broken chunks or EXIF
+    except Exception as exc:  # noqa: BLE001 - a mode PIL cannot convert
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
 
 
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
 def _flatten_to_rgb(img: Image.Image) -> Image.Image:
-    """RGB; transparent areas become white (A1111's default img2img background)."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    """8-bit RGB; transparent areas become white (A1111's default img2img background).
+
+    16-bit grayscale (PNG `I;16`) is scaled to 8 bits: PIL's own convert clips it to white.
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.float32)
+        img = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
@@ -86,16 +101,26 @@ def resize_image(img: Image.Image, mode: int, width: int, height: int) -> Image.
     if mode == 1:  # cover the target, then centre-crop
         new_w = width if wide_target else img.width * height // img.height
         new_h = img.height * width // img.width if wide_target else height
-    else:  # fit inside the target
-        new_w = img.width * height // img.height if wide_target else width
-        new_h = height if wide_target else img.height * width // img.width
+        return _resize_cropped(img, new_w, new_h, width, height)
+    # fit inside the target
+    new_w = img.width * height // img.height if wide_target else width
+    new_h = height if wide_target else img.height * width // img.width
     resized = img.resize((max(new_w, 1), max(new_h, 1)), Image.Resampling.LANCZOS)
     left, top = width // 2 - resized.width // 2, height // 2 - resized.height // 2
     canvas = Image.new("RGB", (width, height))
     canvas.paste(resized, (left, top))
-    if mode == 2:
-        _fill_with_edges(canvas, resized, left, top)
+    _fill_with_edges(canvas, resized, left, top)
     return canvas
+
+
+def _resize_cropped(img: Image.Image, new_w: int, new_h: int, width: int, height: int) -> Image.Image:
+    """A1111's "resize to new_w x new_h, then centre-crop width x height", as one resize of the
+    matching source box: the full-size intermediate of a 1x2000 image would be 512x1024000."""
+    left = new_w // 2 - width // 2
+    top = new_h // 2 - height // 2
+    sx, sy = img.width / new_w, img.height / new_h
+    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+    return img.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
 def _fill_with_edges(canvas: Image.Image, resized: Image.Image, left: int, top: int) -> None:
@@ -144,7 +169,7 @@ def encode_image(
     elif fmt in ("jpeg", "jpg", "webp"):
         kwargs: dict = {"quality": jpeg_quality}
         if infotext:
-            kwargs["exif"] = _exif_with_comment(infotext)
+            kwargs["exif"] = _exif_with_comment(infotext, JPEG_MAX_EXIF if fmt != "webp" else None)
         rgb = img.convert("RGB")
         if fmt == "webp":
             rgb.save(buf, format="WEBP", **kwargs)
@@ -155,9 +180,15 @@ def encode_image(
     return buf.getvalue()
 
 
-def _exif_with_comment(text: str) -> bytes:
+def _exif_with_comment(text: str, max_bytes: int | None = None) -> bytes:
+    """EXIF holding `text` as a UNICODE UserComment; cut to fit `max_bytes` (one JPEG segment)."""
+    payload = text.encode("utf-16-be")
+    if max_bytes is not None:
+        budget = max_bytes - len(_exif_with_comment(""))
+        if len(payload) > budget:  # cut on a character boundary (never half a surrogate pair)
+            payload = payload[: budget - budget % 2].decode("utf-16-be", errors="ignore").encode("utf-16-be")
     exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD_POINTER)[EXIF_USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf-16-be")
+    exif.get_ifd(EXIF_IFD_POINTER)[EXIF_USER_COMMENT] = _UNICODE_PREFIX + payload
     return exif.tobytes()
 
 
