@@ -1,0 +1,173 @@
+"""Host memory (RSS) of the real server process across many mixed requests, on the demo pack.
+
+Starts `python -m pi_axera_sd_service serve --demo` as a subprocess on a free 127.0.0.1 port, reads
+its VmRSS / VmHWM from /proc/<pid>/status after start-up, then sends N requests (default 200) in a
+fixed rotation: `/generate` txt2img, `/sdapi/v1/txt2img` with batch_size 2, `/sdapi/v1/img2img` with a
+1024×768 init image (resized to 512×512 by the service). It prints the RSS after every `--every`
+requests, the growth, and the peak (VmHWM).
+
+    .venv/bin/python bench/bench_memory.py [--requests 200] [--every 50]
+
+What the numbers mean: on the demo pack the models are tiny ONNX graphs run by onnxruntime in the
+server process, so the RSS is the service (Python, FastAPI, numpy, Pillow, onnxruntime) plus the
+per-request buffers. On the Pi with the AX650N card the compiled models live in the card's CMM
+(device memory, see `axcl-smi`), not in host RAM, so host RSS there is the service plus the AXCL
+runtime's host-side overhead, comparable to what this prints; it is not the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB, from /proc/<pid>/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:7.1f} MiB"
+
+
+def init_image_b64(width: int = 1024, height: int = 768) -> str:
+    """A 1024×768 PNG (gradient + noise, so it does not compress to nothing)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], axis=-1)
+    rgb = np.clip(rgb + rng.integers(-20, 20, rgb.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def requests_cycle(init_b64: str) -> list[tuple[str, str, dict]]:
+    """The three kinds of request, sent in this order over and over."""
+    return [
+        ("generate txt2img", "/generate", {"mode": "txt2img", "prompt": "a red fox in the snow", "seed": 1}),
+        (
+            "sdapi txt2img batch 2",
+            "/sdapi/v1/txt2img",
+            {"prompt": "a lighthouse at dusk", "steps": 4, "cfg_scale": 1, "seed": 2, "batch_size": 2},
+        ),
+        (
+            "sdapi img2img 1024x768 init",
+            "/sdapi/v1/img2img",
+            {"prompt": "a watercolor fox", "init_images": [init_b64], "denoising_strength": 0.5, "seed": 3},
+        ),
+    ]
+
+
+def wait_ready(client: httpx.Client, proc: subprocess.Popen, timeout_s: float = 120.0) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if client.get("/health", timeout=2).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"server not ready after {timeout_s:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=200, help="number of requests (default 200)")
+    p.add_argument("--every", type=int, default=50, help="print RSS after every N requests (default 50)")
+    args = p.parse_args(argv)
+    if not Path("/proc/self/status").exists():
+        raise SystemExit("needs Linux /proc")
+
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "pi_axera_sd_service", "serve", "--demo", "--port", str(port),
+            "--cache-dir", f"{tmp}/cache", "--state-dir", f"{tmp}/state", "--output-dir", f"{tmp}/out",
+        ]  # fmt: skip
+        with open(f"{tmp}/server.log", "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+                    ready_s = wait_ready(client, proc)
+                    start = memory_kib(proc.pid)
+                    print(
+                        f"server pid {proc.pid} on port {port}, ready after {ready_s:.1f} s (demo pack, CPU)"
+                    )
+                    print(f"after start:        RSS {mib(start['VmRSS'])}   peak {mib(start['VmHWM'])}")
+                    cycle = requests_cycle(init_image_b64())
+                    failures: dict[str, int] = {}
+                    rows: list[tuple[int, int]] = [(0, start["VmRSS"])]
+                    t0 = time.perf_counter()
+                    for i in range(args.requests):
+                        name, path, body = cycle[i % len(cycle)]
+                        resp = client.post(path, json=body)
+                        if resp.status_code != 200:
+                            key = f"{name}: HTTP {resp.status_code}"
+                            failures[key] = failures.get(key, 0) + 1
+                        done = i + 1
+                        if done % args.every == 0 or done == args.requests:
+                            now = memory_kib(proc.pid)
+                            rows.append((done, now["VmRSS"]))
+                            print(
+                                f"after {done:4d} requests: RSS {mib(now['VmRSS'])}   "
+                                f"growth since start {(now['VmRSS'] - start['VmRSS']) / 1024:+7.1f} MiB   "
+                                f"peak {mib(now['VmHWM'])}"
+                            )
+                    elapsed = time.perf_counter() - t0
+                    end = memory_kib(proc.pid)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    images = sum(2 if "batch 2" in cycle[i % 3][0] else 1 for i in range(args.requests))
+    print()
+    print(f"{args.requests} requests ({images} images) in {elapsed:.1f} s; failures: {failures or 'none'}")
+    print(f"RSS after start      {mib(start['VmRSS'])}")
+    print(f"RSS at the end       {mib(end['VmRSS'])}   ({(end['VmRSS'] - start['VmRSS']) / 1024:+.1f} MiB)")
+    if len(rows) > 2:  # growth after the first checkpoint: warm-up (allocator pools, caches) excluded
+        (n1, r1), (n2, r2) = rows[1], rows[-1]
+        print(
+            f"growth after warm-up {(r2 - r1) / 1024:+.1f} MiB from request {n1} to {n2} "
+            f"({(r2 - r1) / max(n2 - n1, 1):+.1f} KiB per request)"
+        )
+    print(f"peak RSS (VmHWM)     {mib(end['VmHWM'])}")
+    print(
+        "These are host numbers of the demo pack on the CPU. On the Pi the NPU models live in the "
+        "AX650N card's CMM (axcl-smi shows it), so host RSS there is the service plus runtime overhead."
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
