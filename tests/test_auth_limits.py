@@ -129,3 +129,29 @@ def test_prompt_too_long_is_refused_naming_the_setting(live_server, settings_fac
     assert 400 <= response.status_code < 500
     assert "max_prompt_chars" in response.json()["detail"]
     assert wrap.calls("text_encoder") == 0
+
+
+def test_refusals_are_counted_under_the_route_they_were_for(live_server, settings_factory):
+    """401 and 413 happen before routing; /metrics still labels them with the route template."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = live_server(settings_factory(api_auth="alice:s3cret", max_body_bytes=10_000))
+    assert httpx.get(server.url + "/sdapi/v1/options", timeout=5).status_code == 401
+    too_big = {**SMALL, "prompt": "x" * 20_000}
+    assert httpx.post(server.url + TXT2IMG, json=too_big, headers=basic("alice", "s3cret"),
+                      timeout=5).status_code == 413
+    text = httpx.get(server.url + "/metrics", headers=basic("alice", "s3cret"), timeout=5).text
+    samples = {(s.labels["route"], s.labels["method"], s.labels["status"])
+               for family in text_string_to_metric_families(text) if family.name == "sd_http_requests"
+               for s in family.samples if s.name == "sd_http_requests_total"}
+    assert ("/sdapi/v1/options", "GET", "401") in samples
+    assert (TXT2IMG, "POST", "413") in samples
+
+
+def test_401_and_413_bodies_match_the_other_a1111_errors(live_server, settings_factory):
+    server = live_server(settings_factory(api_auth="alice:s3cret", max_body_bytes=10_000))
+    unauthorized = httpx.get(server.url + "/sdapi/v1/options", timeout=5).json()
+    assert unauthorized["errors"] == "401: Not authenticated"
+    too_big = httpx.post(server.url + TXT2IMG, json={"prompt": "x" * 20_000},
+                         headers=basic("alice", "s3cret"), timeout=5).json()
+    assert too_big["errors"].startswith("413: ") and too_big["error"] == "HTTPException"

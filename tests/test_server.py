@@ -255,3 +255,21 @@ def test_server_answers_while_models_load_in_the_background(demo_models, setting
             time.sleep(0.05)
         done = client.post("/generate", json={"mode": "txt2img", "prompt": "a fox", "seed": 1})
         assert done.status_code == 200 and done.json()["status"] == "ok"
+
+
+def test_log_redaction_covers_image_fields_of_any_length_and_nested_values():
+    from pi_axera_sd_service.api.middleware import redact
+
+    short = base64.b64encode(b"\x89PNG tiny image bytes").decode()
+    params = {
+        "prompt": "a cat", "mask": short, "init_images": [short, "data:image/png;base64," + short],
+        "alwayson_scripts": {"ControlNet": {"args": [{"image": "data:image/jpeg;base64,/9j/4AAQ",
+                                                      "weight": 1.0, "module": "canny"}]}},
+        "override_settings": {"sd_vae": "Automatic", "img": "data:image/webp;base64,UklGRg=="},
+    }
+    logged = json.dumps(redact(params))
+    assert short not in logged and "/9j/4AAQ" not in logged and "UklGRg" not in logged
+    assert redact(params)["prompt"] == "a cat"
+    assert redact(params)["alwayson_scripts"]["ControlNet"]["args"][0]["module"] == "canny"
+    assert redact(params)["override_settings"]["sd_vae"] == "Automatic"
+    assert redact(params)["mask"] == f"<base64: {len(short)} chars>"

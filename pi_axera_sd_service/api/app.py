@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from ..pipeline.stages import StageError
 from ..service.engine import ClientDisconnectedError, Engine, ServiceUnavailableError
@@ -28,17 +28,22 @@ from .routers import generate, internal, sdapi
 log = logging.getLogger(__name__)
 
 
-def _route_label_for(app: FastAPI):
-    """Metric/log label: the matched route template, so ids in paths never explode cardinality."""
+def _route_label_for(app: FastAPI, routers: list[APIRouter]):
+    """Metric/log label: the route template, so ids in paths never explode cardinality.
+
+    Requests refused before routing (401, 413) have no `route` in their scope yet; they are matched
+    against the routes themselves (a path match with any method counts)."""
+    routes = [r for r in app.router.routes if isinstance(r, BaseRoute) and getattr(r, "path", None)]
+    routes += [r for router in routers for r in router.routes]
 
     def label(scope: Scope) -> str:
         route = scope.get("route")
         if route is not None and getattr(route, "path", None):
             return route.path
-        for candidate in app.router.routes:
+        for candidate in routes:
             match, _ = candidate.matches(scope)
-            if match == Match.FULL:
-                return getattr(candidate, "path", "unmatched")
+            if match != Match.NONE:
+                return candidate.path
         return "unmatched"
 
     return label
@@ -130,9 +135,9 @@ def create_app(
     app = FastAPI(title="pi_axera_sd_service", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
-    app.include_router(generate.router)
-    app.include_router(sdapi.router)
-    app.include_router(internal.router)
+    routers = [generate.router, sdapi.router, internal.router]
+    for router in routers:
+        app.include_router(router)
     _install_error_handlers(app)
 
     # add_middleware puts the last one outermost: log -> CORS -> auth -> body limit -> routes
@@ -143,5 +148,5 @@ def create_app(
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)
     app.add_middleware(RequestLogMiddleware, settings=settings, metrics=engine.metrics,
-                       route_label=_route_label_for(app))
+                       route_label=_route_label_for(app, routers))
     return app

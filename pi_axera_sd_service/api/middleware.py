@@ -17,6 +17,7 @@ from typing import Any
 
 from ..service.metrics import REQUEST_LOG, ServiceMetrics
 from ..settings import Settings
+from .errors import a1111_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -32,12 +33,11 @@ OPEN_PATHS = ("/internal/ping", "/health")
 QUIET_ROUTES = {"/sdapi/v1/progress", "/internal/progress", "/internal/ping", "/health", "/metrics"}
 DRAIN_FACTOR = 4                # read (and discard) oversize bodies up to this multiple of the limit
 BASE64_MIN_CHARS = 256
-_BASE64_RE = re.compile(r"^(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=\s_-]+$")
-
-
-def a1111_error_body(error: str, detail: Any, errors: str = "") -> dict[str, Any]:
-    """A1111's `handle_exception` body."""
-    return {"error": error, "detail": detail, "body": "", "errors": errors}
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
+_DATA_URI_RE = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+# Request fields that carry images (A1111, /generate, extensions such as ControlNet).
+IMAGE_FIELDS = frozenset({"init_images", "init_image", "mask", "latent_mask", "image", "images",
+                          "firstpass_image", "input_image", "control_image", "base64"})
 
 
 async def send_json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -49,15 +49,26 @@ async def send_json(send: Send, status: int, body: Any, headers: dict[str, str] 
     await send({"type": "http.response.body", "body": payload})
 
 
-def redact(value: Any) -> Any:
-    """Parameters for the log: every base64 string becomes `<base64: N chars>`."""
+def redact(value: Any, key: str | None = None) -> Any:
+    """Parameters for the log: every base64 string becomes `<base64: N chars>`, however deep.
+
+    Image fields (by name) and data URIs are redacted at any length; other strings when they are
+    long and look like base64."""
     if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
+        return {k: redact(v, k) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str) and len(value) >= BASE64_MIN_CHARS and _BASE64_RE.match(value[:4096]):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str) and _is_base64(value, key):
         return f"<base64: {len(value)} chars>"
     return value
+
+
+def _is_base64(text: str, key: str | None) -> bool:
+    if _DATA_URI_RE.match(text):
+        return True
+    if len(text) < BASE64_MIN_CHARS and key not in IMAGE_FIELDS:
+        return False
+    return bool(text) and _BASE64_RE.match(text[:4096]) is not None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -106,7 +117,7 @@ class RequestLogMiddleware:
                              scope["path"], exc, exc_info=exc)
             record["error"] = f"{type(exc).__name__}: {exc}"
             if not response_started:
-                await send_with_id_safe(send_with_id, a1111_error_body(type(exc).__name__, "", str(exc)))
+                await send_with_id_safe(send_with_id, a1111_body("", type(exc).__name__, 500))
             status = 500
         finally:
             REQUEST_LOG.reset(token)
@@ -199,7 +210,7 @@ class BasicAuthMiddleware:
         record = REQUEST_LOG.get()
         if record is not None:
             record["error"] = problem
-        await send_json(send, 401, a1111_error_body("HTTPException", problem),
+        await send_json(send, 401, a1111_body(problem, "HTTPException", 401),
                         {"WWW-Authenticate": "Basic"})
 
 
@@ -272,4 +283,4 @@ class BodyLimitMiddleware:
         record = REQUEST_LOG.get()
         if record is not None:
             record["error"] = message
-        await send_json(send, 413, a1111_error_body("HTTPException", message))
+        await send_json(send, 413, a1111_body(message, "HTTPException", 413))
