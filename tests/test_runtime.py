@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -253,6 +254,43 @@ def test_hash_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
     model.write_bytes(b"weights v2")
     os.utime(model, ns=(1, 1))
     assert file_sha256(model, cache) not in ("remembered", real)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[]", '"text"', "null", "{broken", '{"KEY": "not a dict"}', '{"KEY": {"size": 3, "sha256": null}}'],
+)
+def test_corrupt_hash_cache_is_ignored_and_rewritten(tmp_path: Path, content: str) -> None:
+    model = tmp_path / "unet.onnx"
+    model.write_bytes(b"abc")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stat = model.stat()
+    content = content.replace("KEY", str(model.resolve()))
+    content = content.replace('"size": 3', f'"size": 3, "mtime_ns": {stat.st_mtime_ns}')
+    (cache / "hashes.json").write_text(content, encoding="utf-8")
+    expected = hashlib.sha256(b"abc").hexdigest()
+    assert file_sha256(model, cache) == expected
+    assert json.loads((cache / "hashes.json").read_text())[str(model.resolve())]["sha256"] == expected
+
+
+def test_unwritable_hash_cache_still_hashes_and_leaves_no_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "unet.onnx"
+    model.write_bytes(b"abc")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def refuse(*args: object) -> None:
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    assert file_sha256(model, cache) == hashlib.sha256(b"abc").hexdigest()
+    assert list(cache.iterdir()) == []
+    a_file = tmp_path / "not_a_dir"
+    a_file.write_text("x")
+    assert file_sha256(model, a_file) == hashlib.sha256(b"abc").hexdigest()
 
 
 # --- axengine adapter through the fake module ----------------------------------------------------

@@ -1,10 +1,10 @@
 """Runtime layer: model sessions (onnxruntime on the CPU, axengine on the NPU), model files, demo pack."""
 
+from .contract import UNetInputNames
 from .model_dir import (
     CheckLine,
     LoadedModels,
     ModelFiles,
-    UNetInputNames,
     check_models,
     format_check_lines,
     load_models,

@@ -1,4 +1,4 @@
-"""Find the model files, load them on a backend and check each against the SD1.5-LCM I/O contract.
+"""Find the model files, load them on a backend (checked by `contract`), hash them, `check-models`.
 
 Upstream layout (one MODEL_DIR): `tokenizer/{vocab.json,merges.txt}`,
 `text_encoder/sd15_text_encoder_sim.{axmodel,onnx}`, `unet.*`, `vae_decoder.*`, `vae_encoder.*`
@@ -19,13 +19,41 @@ from pathlib import Path
 
 import numpy as np
 
-from .session import DYNAMIC, ModelLoadError, Session, TensorSpec, format_shape_dtype, format_specs
+from .contract import (
+    TIMESTEPS,
+    TOKENIZER_FILES,
+    UNetInputNames,
+    check_text_encoder,
+    check_tokenizer_dir,
+    check_unet,
+    check_vae_decoder,
+    check_vae_encoder,
+    load_time_inputs,
+    missing_file_error,
+)
+from .session import ModelLoadError, Session, format_shape_dtype, format_specs
 
-TIMESTEPS = (999, 759, 499, 259)
-CONTEXT_SHAPE = (1, 77, 768)
-TIME_DIM = 1280
+__all__ = [  # UNetInputNames and the checks are re-exported for older imports
+    "BACKENDS",
+    "CheckLine",
+    "LoadedModels",
+    "ModelFiles",
+    "UNetInputNames",
+    "check_models",
+    "check_text_encoder",
+    "check_tokenizer_dir",
+    "check_unet",
+    "check_vae_decoder",
+    "check_vae_encoder",
+    "file_sha256",
+    "format_check_lines",
+    "load_models",
+    "load_time_inputs",
+    "open_session",
+    "resolve_model_files",
+]
+
 TEXT_ENCODER_FILE = "text_encoder/sd15_text_encoder_sim"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 SUFFIX = {"axengine": ".axmodel", "onnxruntime": ".onnx"}
 BACKENDS = ("auto", "axengine", "onnxruntime")
 DEFAULT_MODEL_DIR = Path("models")
@@ -43,15 +71,6 @@ class ModelFiles:
     vae_decoder: Path
     vae_encoder: Path | None  # None: not configured and not in the folder (img2img unavailable)
     time_input_txt2img: Path
-
-
-@dataclass(frozen=True)
-class UNetInputNames:
-    """The UNet's three input names, told apart by shape."""
-
-    sample: str  # [1,4,h,w]
-    time: str  # [1,1280]
-    context: str  # [1,77,768]
 
 
 @dataclass
@@ -156,15 +175,7 @@ def choose_backend(explicit: dict[str, Path | None], stems: dict[str, Path]) -> 
     return "onnxruntime"
 
 
-# --- loading and contract checks -----------------------------------------------------------------
-
-
-def missing_file_error(path: Path, what: str = "model file") -> ModelLoadError:
-    """`model file not found: X` (saying so when its whole folder is missing)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return ModelLoadError(f"{what} not found: {path} (folder {path.parent} does not exist)", path)
-    return ModelLoadError(f"{what} not found: {path}", path)
+# --- loading --------------------------------------------------------------------------------------
 
 
 def open_session(path: Path, backend: str, device_id: int = 0) -> Session:
@@ -181,124 +192,6 @@ def open_session(path: Path, backend: str, device_id: int = 0) -> Session:
 
         return OnnxSession(path)
     raise ModelLoadError(f"unknown backend {backend!r}", path)
-
-
-def _mismatch(session: Session, what: str, spec: TensorSpec | None, expected: str) -> ModelLoadError:
-    found = spec.describe() if spec is not None else "nothing"
-    return ModelLoadError(f"{session.path}: {what}: expected {expected}, found {found}", session.path)
-
-
-def _fits(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
-    return spec.accepts_shape(shape)
-
-
-def _first_output(session: Session, shape: tuple[int, ...], role: str) -> None:
-    output = session.outputs[0] if session.outputs else None
-    if output is None or output.dtype != np.float32 or not _fits(output, shape):
-        raise _mismatch(session, f"{role} output 0", output, format_shape_dtype(shape, np.float32))
-
-
-def check_text_encoder(session: Session) -> None:
-    """One int32/int64 [1,77] input -> float32 [1,77,768] as the first output."""
-    if len(session.inputs) != 1:
-        raise ModelLoadError(
-            f"{session.path}: text encoder inputs: expected one int32/int64[1,77] input, "
-            f"found {format_specs(session.inputs)}",
-            session.path,
-        )
-    ids = session.inputs[0]
-    if ids.dtype not in (np.int32, np.int64) or not _fits(ids, (1, 77)):
-        raise _mismatch(session, f"text encoder input {ids.name!r}", ids, "int32[1,77] or int64[1,77]")
-    _first_output(session, CONTEXT_SHAPE, "text encoder")
-
-
-def check_unet(session: Session) -> tuple[UNetInputNames, tuple[int, int, int, int]]:
-    """Three float32 inputs told apart by shape: sample [1,4,h,w], time [1,1280], context [1,77,768]."""
-    expected = f"float32[1,4,h,w], float32[1,{TIME_DIM}], float32[1,77,768]"
-    if len(session.inputs) != 3:
-        raise ModelLoadError(
-            f"{session.path}: UNet inputs: expected 3 ({expected}), found {format_specs(session.inputs)}",
-            session.path,
-        )
-    found: dict[str, TensorSpec] = {}
-    for spec in session.inputs:
-        if spec.dtype != np.float32:
-            raise _mismatch(session, f"UNet input {spec.name!r}", spec, "float32")
-        if len(spec.shape) == 4 and spec.shape[:2] == (1, 4) and DYNAMIC not in spec.shape:
-            found.setdefault("sample", spec)
-        elif spec.shape == (1, TIME_DIM):
-            found.setdefault("time", spec)
-        elif spec.shape == CONTEXT_SHAPE:
-            found.setdefault("context", spec)
-    for role, want in (
-        ("sample", "float32[1,4,h,w]"),
-        ("time", f"float32[1,{TIME_DIM}]"),
-        ("context", "float32[1,77,768]"),
-    ):
-        if role not in found:
-            raise ModelLoadError(
-                f"{session.path}: UNet {role} input: expected {want}, found {format_specs(session.inputs)}",
-                session.path,
-            )
-    latent = tuple(found["sample"].shape)
-    _first_output(session, latent, "UNet")
-    names = UNetInputNames(found["sample"].name, found["time"].name, found["context"].name)
-    return names, latent  # type: ignore[return-value]
-
-
-def check_vae_decoder(session: Session, latent: tuple[int, ...]) -> None:
-    """[1,4,h,w] -> [1,3,8h,8w]."""
-    _, _, h, w = latent
-    _check_one_float_input(session, "VAE decoder", tuple(latent), (1, 3, 8 * h, 8 * w))
-
-
-def check_vae_encoder(session: Session, latent: tuple[int, ...]) -> None:
-    """[1,3,8h,8w] -> [1,8,h,w] (mean and logvar)."""
-    _, _, h, w = latent
-    _check_one_float_input(session, "VAE encoder", (1, 3, 8 * h, 8 * w), (1, 8, h, w))
-
-
-def _check_one_float_input(
-    session: Session, label: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...]
-) -> None:
-    """Exactly one float32 input of `input_shape` (any name) and a first output of `output_shape`."""
-    inputs = session.inputs
-    if len(inputs) != 1 or inputs[0].dtype != np.float32 or not _fits(inputs[0], input_shape):
-        raise _mismatch(session, f"{label} input", inputs[0] if inputs else None,
-                        f"one input {format_shape_dtype(input_shape, np.float32)}")
-    _first_output(session, output_shape, label)
-
-
-def load_time_inputs(path: Path) -> np.ndarray:
-    """float32 [4,1280]: the first four rows of a [N>=4,1280] .npy (rows for 999, 759, 499, 259)."""
-    path = Path(path)
-    if not path.is_file():
-        raise missing_file_error(path, "time input file")
-    try:
-        rows = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a readable .npy file: {exc}", path) from exc
-    if rows.ndim != 2 or rows.shape[0] < len(TIMESTEPS) or rows.shape[1] != TIME_DIM:
-        raise ModelLoadError(
-            f"{path}: time rows: expected float32[N>=4,{TIME_DIM}], "
-            f"found {format_shape_dtype(rows.shape, rows.dtype)}",
-            path,
-        )
-    if not np.issubdtype(rows.dtype, np.floating):
-        raise ModelLoadError(f"{path}: time rows: expected float32, found {rows.dtype}", path)
-    return np.ascontiguousarray(rows[: len(TIMESTEPS)], dtype=np.float32)
-
-
-def check_tokenizer_dir(folder: Path) -> None:
-    """The folder exists and holds vocab.json and merges.txt."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelLoadError(
-            f"tokenizer folder not found: {folder} (expected {', '.join(TOKENIZER_FILES)})", folder
-        )
-    for name in TOKENIZER_FILES:
-        if not (folder / name).is_file():
-            raise ModelLoadError(f"tokenizer folder {folder} is missing {name}", folder / name)
 
 
 def load_models(
@@ -352,19 +245,23 @@ def load_models(
 
 
 def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
-    """sha256 of a file; with a cache_dir, remembered in hashes.json by (path, size, mtime)."""
+    """sha256 of a file; with a cache_dir, remembered in hashes.json by (path, size, mtime).
+
+    The cache is best effort: a corrupt, foreign or unwritable hashes.json only costs a re-hash.
+    """
     path = Path(path).resolve()
     stat = path.stat()
     key = str(path)
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     cache_file = Path(cache_dir) / "hashes.json" if cache_dir is not None else None
-    cache: dict[str, dict] = {}
-    if cache_file is not None:
-        with contextlib.suppress(OSError, ValueError):
-            cache = json.loads(cache_file.read_text(encoding="utf-8"))
-        entry = cache.get(key)
-        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) and "sha256" in entry:
-            return str(entry["sha256"])
+    cache = _read_hash_cache(cache_file) if cache_file is not None else {}
+    entry = cache.get(key)
+    if (
+        isinstance(entry, dict)
+        and all(entry.get(k) == v for k, v in stamp.items())
+        and isinstance(entry.get("sha256"), str)
+    ):
+        return entry["sha256"]
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -372,13 +269,34 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
     sha = digest.hexdigest()
     if cache_file is not None:
         cache[key] = {**stamp, "sha256": sha}
-        with contextlib.suppress(OSError):
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, temp = tempfile.mkstemp(prefix=".hashes_", dir=cache_file.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(cache, handle, indent=1)
-            os.replace(temp, cache_file)
+        _write_hash_cache(cache_file, cache)
     return sha
+
+
+def _read_hash_cache(cache_file: Path) -> dict:
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_hash_cache(cache_file: Path, cache: dict) -> None:
+    """Atomic replace; any OSError (read-only folder, a file in the way) leaves nothing behind."""
+    temp: str | None = None
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".hashes_", dir=cache_file.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(cache, handle, indent=1)
+        os.replace(temp, cache_file)
+        temp = None
+    except OSError:
+        pass
+    finally:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
 
 # --- check-models --------------------------------------------------------------------------------
