@@ -345,3 +345,18 @@ def test_to_dict_lists_every_row_with_both_policies() -> None:
     assert by_field["steps"]["strict"] == "reject" and by_field["scheduler"]["strict"] == "warn"
     assert lenient["image_size"] == {"width": 512, "height": 512} and lenient["policy"] == "lenient"
     assert strict["policy"] == "strict"
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ({"jpeg_quality": True}, "jpeg_quality"), ({"jpeg_quality": 0}, "jpeg_quality"),
+    ({"samples_format": None}, "samples_format"), ({"emphasis": ["No norm"]}, "emphasis"),
+])
+def test_override_settings_are_checked_like_posted_options(override: dict, needle: str) -> None:
+    ran = make_table().apply(req(override_settings=override), {"jpeg_quality": 80, "samples_format": "png"})
+    assert (ran.jpeg_quality, ran.samples_format, ran.emphasis) == (80, "png", "Original")
+    assert len(ran.warnings) == 1 and needle in ran.warnings[0]
+
+
+def test_override_samples_format_jpg_is_jpeg() -> None:
+    ran = make_table().apply(req(override_settings={"samples_format": "JPG"}), {})
+    assert ran.samples_format == "jpeg" and ran.warnings == []

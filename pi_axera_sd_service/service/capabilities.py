@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..pipeline.scheduler import img2img_timesteps, txt2img_timesteps
 from ..settings import Settings
-from .options import DEFAULT_EMPHASIS, EMPHASIS_MODES, SAMPLES_FORMATS, OptionsStore, known_option
-from .request import CapabilityError, GenerationRequest, parse_seed
+from .options import DEFAULT_EMPHASIS, WRITABLE_DEFAULTS, OptionsStore, known_option, validate_option
+from .request import CapabilityError, GenerationRequest, RequestError, parse_seed
 
 if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels
@@ -328,7 +328,7 @@ class CapabilityTable:
             if not known_option(key):
                 warnings.append(f"override_settings: unknown option '{key}' ignored")
                 continue
-            problem = _override_problem(key, value, options)
+            value, problem = _checked_override(key, value, options)
             if problem:
                 warnings.append(f"override_settings: {problem}")
                 continue
@@ -339,18 +339,21 @@ class CapabilityTable:
         r.jpeg_quality = int(effective.get("jpeg_quality", r.jpeg_quality))
 
 
-def _override_problem(key: str, value: Any, options: OptionsStore | Mapping[str, Any]) -> str | None:
-    """Why an override of a known option is not applied, or None."""
+def _checked_override(
+    key: str, value: Any, options: OptionsStore | Mapping[str, Any] | None
+) -> tuple[Any, str | None]:
+    """(the value to use, None) for an override that applies, else (value, why it is ignored).
+
+    Writable options are checked exactly as POST /sdapi/v1/options checks them."""
     if key == "CLIP_stop_at_last_layers" and isinstance(value, (int, float)) and value > 1:
-        return f"CLIP_stop_at_last_layers {value:g} (clip skip) is not supported; ran 1"
+        return value, f"CLIP_stop_at_last_layers {value:g} (clip skip) is not supported; ran 1"
     if key == "sd_model_checkpoint":
         if isinstance(options, OptionsStore) and options.resolve_checkpoint(value) is None:
-            return f"sd_model_checkpoint '{value}' is not the loaded model; ignored"
-        return None
-    if key == "samples_format" and str(value).lower() not in SAMPLES_FORMATS:
-        return f"samples_format '{value}' is not one of {', '.join(SAMPLES_FORMATS)}; ignored"
-    if key == "emphasis" and value not in EMPHASIS_MODES:
-        return f"emphasis '{value}' is not one of {', '.join(EMPHASIS_MODES)}; ignored"
-    if key == "jpeg_quality" and not (isinstance(value, (int, float)) and 1 <= value <= 100):
-        return f"jpeg_quality {value!r} is not in 1–100; ignored"
-    return None
+            return value, f"sd_model_checkpoint '{value}' is not the loaded model; ignored"
+        return value, None
+    if key in WRITABLE_DEFAULTS:
+        try:
+            return validate_option(key, value), None
+        except RequestError as exc:
+            return value, f"{exc.message}; ignored"
+    return value, None

@@ -166,7 +166,7 @@ class OptionsStore:
         current = self.as_dict()
         for key, value in changes.items():
             if key in WRITABLE_DEFAULTS:
-                validated[key] = _validate(key, value)
+                validated[key] = validate_option(key, value)
             elif key != "sd_model_checkpoint" and current.get(key, object()) != value:
                 ignored.append(key)
         if ignored:
@@ -190,7 +190,7 @@ class OptionsStore:
         for key, value in data.items():
             if key in WRITABLE_DEFAULTS:
                 try:
-                    self._values[key] = _validate(key, value)
+                    self._values[key] = validate_option(key, value)
                 except RequestError as exc:
                     log.warning("%s: %s; using the default", self.path, exc.message)
 
@@ -208,7 +208,7 @@ class OptionsStore:
             raise
 
 
-def _validate(key: str, value: Any) -> Any:
+def validate_option(key: str, value: Any) -> Any:
     """Check one writable option; RequestError (400) naming the key otherwise."""
     default = WRITABLE_DEFAULTS[key]
     if isinstance(default, bool):
