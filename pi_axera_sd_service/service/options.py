@@ -96,7 +96,10 @@ _READ_ONLY_KEYS = (
 
 
 class OptionsStore:
-    """The A1111 options of this server; thread-safe; writes `options.json` atomically."""
+    """The A1111 options of this server; thread-safe.
+
+    Defaults come from the settings; what clients change is written to `options.json` atomically
+    (only the changed keys, so a later change of the settings still applies to the others)."""
 
     def __init__(self, settings: Settings, models: LoadedModels | None = None,
                  checkpoint: CheckpointInfo | None = None):
@@ -106,9 +109,9 @@ class OptionsStore:
         self.settings = settings
         self.path = Path(settings.state_dir) / OPTIONS_FILE
         self._lock = threading.Lock()
-        self._values = dict(WRITABLE_DEFAULTS)
-        self._values["live_previews_enable"] = settings.live_previews
-        self._values["show_progress_every_n_steps"] = settings.show_progress_every_n_steps
+        self._defaults = {**WRITABLE_DEFAULTS, "live_previews_enable": settings.live_previews,
+                          "show_progress_every_n_steps": settings.show_progress_every_n_steps}
+        self._changed: dict[str, Any] = {}   # what clients set; only this is persisted
         self._load()
 
     # ------------------------------------------------------------------ reading
@@ -116,7 +119,7 @@ class OptionsStore:
         """The whole options dict GET /sdapi/v1/options returns."""
         ckpt = self.checkpoint
         with self._lock:
-            writable = dict(self._values)
+            writable = {**self._defaults, **self._changed}
         return {
             "sd_model_checkpoint": ckpt.title if ckpt else None,
             "sd_checkpoint_hash": ckpt.sha256 if ckpt else "",
@@ -166,14 +169,16 @@ class OptionsStore:
         current = self.as_dict()
         for key, value in changes.items():
             if key in WRITABLE_DEFAULTS:
-                validated[key] = validate_option(key, value)
+                value = validate_option(key, value)
+                if value != current[key]:  # posting the GET dict back pins nothing
+                    validated[key] = value
             elif key != "sd_model_checkpoint" and current.get(key, object()) != value:
                 ignored.append(key)
         if ignored:
             log.info("POST options: ignored read-only or unknown keys: %s", ", ".join(sorted(ignored)))
         if validated:
             with self._lock:
-                self._values.update(validated)
+                self._changed.update(validated)
                 self._save_locked()
         return ignored
 
@@ -190,7 +195,7 @@ class OptionsStore:
         for key, value in data.items():
             if key in WRITABLE_DEFAULTS:
                 try:
-                    self._values[key] = validate_option(key, value)
+                    self._changed[key] = validate_option(key, value)
                 except RequestError as exc:
                     log.warning("%s: %s; using the default", self.path, exc.message)
 
@@ -199,7 +204,7 @@ class OptionsStore:
         fd, tmp = tempfile.mkstemp(prefix=".options-", suffix=".json", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self._values, fh, indent=2, sort_keys=True)
+                json.dump(self._changed, fh, indent=2, sort_keys=True)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
