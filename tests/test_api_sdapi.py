@@ -359,3 +359,29 @@ def test_odd_values_get_a_client_error_never_a_500(app_client, route: str) -> No
             resp = app_client.post(route, content=body, headers={"Content-Type": "application/json"})
             assert resp.status_code < 500, (field, value, resp.text[:200])
             assert isinstance(resp.json(), dict)
+
+
+def test_img2img_info_reports_the_steps_that_ran(app_client) -> None:
+    """denoising_strength 0.5 of a 4-step schedule runs 2 steps: info.steps says 2; the infotext keeps
+    A1111's meaning (the schedule's steps next to the strength), so it reproduces the image."""
+    body = app_client.post("/sdapi/v1/img2img", json={
+        "prompt": "p", "init_images": [png_b64()], "seed": 5, "steps": 4, "denoising_strength": 0.5}).json()
+    info = json.loads(body["info"])
+    assert info["steps"] == 2
+    assert "Steps: 4," in info["infotexts"][0] and "Denoising strength: 0.5" in info["infotexts"][0]
+    again = app_client.post("/sdapi/v1/img2img", json={
+        "init_images": [png_b64()], "infotext": info["infotexts"][0]}).json()
+    assert np.array_equal(pixels(again["images"][0]), pixels(body["images"][0]))
+
+
+def test_posting_options_back_does_not_pin_settings(make_client, settings_factory) -> None:
+    """Open WebUI posts the whole GET dict back: only what it changed is kept across restarts, so the
+    service's own settings (live previews) still apply after a restart with other flags."""
+    client = make_client(settings_factory())
+    options = client.get("/sdapi/v1/options").json()
+    assert options["live_previews_enable"] is False
+    assert client.post("/sdapi/v1/options", json={**options, "jpeg_quality": 93}).status_code == 200
+    restarted = make_client(settings_factory(live_previews=True, show_progress_every_n_steps=2))
+    now = restarted.get("/sdapi/v1/options").json()
+    assert now["live_previews_enable"] is True and now["show_progress_every_n_steps"] == 2
+    assert now["jpeg_quality"] == 93

@@ -44,7 +44,10 @@ def extra_generation_params(result: GenerationResult) -> dict[str, Any]:
 
 
 def build_infotexts(result: GenerationResult, checkpoint: CheckpointInfo | None) -> list[str]:
-    """One A1111 infotext per returned image, with the seed that image ran with."""
+    """One A1111 infotext per returned image, with the seed that image ran with.
+
+    "Steps" keeps A1111's meaning: the schedule length, of which img2img runs the last
+    round(strength × steps); with "Denoising strength" it reproduces the image."""
     req = result.request
     extra = extra_generation_params(result)
     texts = []
@@ -54,8 +57,8 @@ def build_infotexts(result: GenerationResult, checkpoint: CheckpointInfo | None)
             negative_prompt=(
                 result.negative_prompts[i] if i < len(result.negative_prompts) else req.negative_prompt
             ),
-            steps=int(req.steps or len(req.timesteps)), sampler=req.sampler_name or "LCM",
-            scheduler_label=SCHEDULER_LABEL, cfg_scale=float(req.cfg_scale or 1.0),
+            steps=int(req.steps), sampler=req.sampler_name or "LCM",
+            scheduler_label=SCHEDULER_LABEL, cfg_scale=float(req.cfg_scale),
             seed=result.seeds[i], width=int(req.width or 0), height=int(req.height or 0),
             model_hash=checkpoint.shorthash if checkpoint else None,
             model_name=checkpoint.model_name if checkpoint else None,
@@ -88,7 +91,7 @@ def info_dict(
         "height": req.height,
         "sampler_name": req.sampler_name,
         "cfg_scale": req.cfg_scale,
-        "steps": req.steps,
+        "steps": len(req.timesteps),   # img2img: the part of the `steps` schedule its strength runs
         "batch_size": req.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
