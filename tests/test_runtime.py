@@ -241,6 +241,26 @@ def test_check_models_reports_every_model_and_the_fault(pack: Path) -> None:
     assert report.endswith("1 problem(s) found")
 
 
+def test_corrupt_vocab_fails_check_models_and_load(pack: Path) -> None:
+    (pack / "tokenizer" / "vocab.json").write_text("{broken", encoding="utf-8")
+    files, backend = resolve_model_files(model_dir=pack, backend="onnxruntime")
+    (line,) = [line for line in check_models(files, backend) if line.role == "tokenizer"]
+    assert not line.ok and "vocab.json" in line.status
+    with pytest.raises(ModelLoadError, match="vocab.json"):
+        load_models(files, backend)
+
+
+def test_vae_with_two_inputs_names_them_all(pack: Path) -> None:
+    write_graph(pack / "vae_decoder.onnx", [("x", F, [1, 4, 64, 64]), ("extra", F, [1])],
+                [("img", [1, 3, 512, 512])])
+    files, backend = resolve_model_files(model_dir=pack, backend="onnxruntime")
+    with pytest.raises(ModelLoadError) as err:
+        load_models(files, backend)
+    message = str(err.value)
+    assert "vae_decoder.onnx" in message and "x float32[1,4,64,64]" in message
+    assert "extra float32[1]" in message
+
+
 def test_hash_is_cached_by_size_and_mtime(tmp_path: Path) -> None:
     model = tmp_path / "unet.onnx"
     model.write_bytes(b"weights v1")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
 
 from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer, bytes_to_unicode
+from pi_axera_sd_service.runtime.session import ModelLoadError
 
 MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o")]
 
@@ -90,3 +92,34 @@ def test_missing_files_are_named(tmp_path: Path):
 
 def vocab_key(vocab: dict[str, int], token_id: int) -> str:
     return next(token for token, i in vocab.items() if i == token_id)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("vocab.json", "{broken"), ("vocab.json", "[1, 2]"), ("vocab.json", "{}"),
+     ("merges.txt", b"\xff\xfe\x00"), ("tokenizer_config.json", "{broken")],
+)
+def test_corrupt_tokenizer_files_are_a_model_load_error_naming_the_file(tmp_path: Path, name, content):
+    write_clip_tokenizer(tmp_path, {})
+    target = tmp_path / name
+    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ModelLoadError, match=name):
+        ClipTokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "   ", "\t\n", "🐱🐶", "日本語のプロンプト", "x" * 5000, "a\u200bb", "\x00", "e\u0301"]
+)
+def test_unusual_text_round_trips_and_never_yields_unknown_tokens(tokenizer_and_vocab, text):
+    tokenizer, _ = tokenizer_and_vocab
+    ids = tokenizer.encode(text)
+    assert tokenizer.eos_id not in ids and tokenizer.bos_id not in ids
+    normalised = " ".join(unicodedata.normalize("NFC", text).lower().split())
+    assert tokenizer.decode(ids).replace(" ", "") == normalised.replace(" ", "")
+
+
+def test_typed_special_tokens_are_the_special_ids_as_in_a1111(tokenizer_and_vocab):
+    # A1111 tokenizes with HF CLIPTokenizer, which matches special tokens in the text
+    tokenizer, _ = tokenizer_and_vocab
+    assert tokenizer.encode("a<|endoftext|>b")[1] == tokenizer.eos_id
+    assert tokenizer.bos_id in tokenizer.encode("<|startoftext|> cat")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from ..runtime.session import ModelLoadError
+
 CLIP_WORD_PATTERN = (
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 )
@@ -83,25 +85,37 @@ class ClipTokenizer:
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> ClipTokenizer:
-        """Read `vocab.json`, `merges.txt` and (optional) `tokenizer_config.json` from `folder`."""
+        """Read `vocab.json`, `merges.txt` and (optional) `tokenizer_config.json` from `folder`.
+
+        FileNotFoundError when a required file is missing; ModelLoadError naming the file when one
+        cannot be read or parsed.
+        """
         folder = Path(folder)
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
         for path in (vocab_path, merges_path):
             if not path.is_file():
                 raise FileNotFoundError(f"tokenizer file missing: {path}")
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        merges = read_merges(merges_path)
+        vocab = _read_json(vocab_path)
+        if not vocab or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+            raise ModelLoadError(f"{vocab_path}: expected a JSON object of token -> id", vocab_path)
+        try:
+            merges = read_merges(merges_path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{merges_path}: unreadable: {exc}", merges_path) from exc
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config = _read_json(config_path) if config_path.is_file() else {}
         max_length = config.get("model_max_length", 77)
         if not isinstance(max_length, int) or not 2 < max_length <= 4096:
             max_length = 77
         eos = _token_name(config, "eos_token", DEFAULT_EOS)
-        return cls(vocab, merges,
-                   bos_token=_token_name(config, "bos_token", DEFAULT_BOS),
-                   eos_token=eos,
-                   pad_token=_token_name(config, "pad_token", eos),
-                   max_length=max_length)
+        try:
+            return cls(vocab, merges,
+                       bos_token=_token_name(config, "bos_token", DEFAULT_BOS),
+                       eos_token=eos,
+                       pad_token=_token_name(config, "pad_token", eos),
+                       max_length=max_length)
+        except Exception as exc:  # noqa: BLE001 - missing special tokens, merges the BPE model refuses
+            raise ModelLoadError(f"{folder}: not a usable CLIP tokenizer: {exc}", folder) from exc
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS."""
@@ -117,6 +131,17 @@ class ClipTokenizer:
                 raw.extend(char.encode("utf-8") if byte is None else bytes([byte]))
             raw.extend(b" ")
         return raw.decode("utf-8", errors="replace")[:-1].strip()
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path` (ModelLoadError naming the file otherwise)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not readable JSON: {exc}", path) from exc
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(value).__name__}", path)
+    return value
 
 
 def read_merges(path: Path) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ expected and what was found.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,8 +118,11 @@ def _check_one_float_input(
     """Exactly one float32 input of `input_shape` (any name) and a first output of `output_shape`."""
     inputs = session.inputs
     if len(inputs) != 1 or inputs[0].dtype != np.float32 or not _fits(inputs[0], input_shape):
-        raise _mismatch(session, f"{label} input", inputs[0] if inputs else None,
-                        f"one input {format_shape_dtype(input_shape, np.float32)}")
+        raise ModelLoadError(
+            f"{session.path}: {label} input: expected one input "
+            f"{format_shape_dtype(input_shape, np.float32)}, found {format_specs(inputs)}",
+            session.path,
+        )
     _first_output(session, output_shape, label)
 
 
@@ -143,7 +147,7 @@ def load_time_inputs(path: Path) -> np.ndarray:
 
 
 def check_tokenizer_dir(folder: Path) -> None:
-    """The folder exists and holds vocab.json and merges.txt."""
+    """The folder holds vocab.json (a JSON object) and merges.txt."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(
@@ -152,3 +156,10 @@ def check_tokenizer_dir(folder: Path) -> None:
     for name in TOKENIZER_FILES:
         if not (folder / name).is_file():
             raise ModelLoadError(f"tokenizer folder {folder} is missing {name}", folder / name)
+    vocab_path = folder / "vocab.json"
+    try:
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{vocab_path}: not readable JSON: {exc}", vocab_path) from exc
+    if not isinstance(vocab, dict) or not vocab:
+        raise ModelLoadError(f"{vocab_path}: expected a JSON object of token -> id", vocab_path)
