@@ -249,3 +249,12 @@ def test_readme_commands_and_links_are_real() -> None:
     missing = [target for target in re.findall(r"\]\(([^)#\s:]+)(?:#[^)]*)?\)", readme)
                if not (ROOT / target).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_readme_links_every_document() -> None:
+    """A newcomer finds every document from the README."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    docs = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "docs").glob("*.md"))]
+    docs += ["RASPBERRY_PI_SETUP.md", "models/README.md", "bench/README.md", "compat_tests/README.md"]
+    unlinked = [doc for doc in docs if f"]({doc})" not in readme]
+    assert not unlinked, f"README does not link {unlinked}"
