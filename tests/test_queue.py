@@ -269,3 +269,34 @@ def test_a_batch_encodes_each_distinct_text_once(engines, settings_factory, wrap
     assert len(result.images) == 4 and result.seeds == [3, 4, 5, 6]
     assert wrap.calls("text_encoder") == 2
     assert wrap.calls("unet") == 4 * 4 * 2  # still two UNet passes per step for every image
+
+
+def test_an_interrupt_after_the_last_step_cuts_nothing_and_is_not_reported(engines, settings_factory):
+    """The interrupt lands while the last image is being decoded: every image is complete."""
+    holder: list[Engine] = []
+
+    class InterruptingDecoder:
+        def __init__(self, inner):
+            self.inner = inner
+            self.path, self.backend, self.inputs, self.outputs = inner.path, inner.backend, inner.inputs, \
+                inner.outputs
+
+        def run(self, feed):
+            holder[0].interrupt()
+            return self.inner.run(feed)
+
+    def wrap(role, session):
+        return InterruptingDecoder(session) if role == "vae_decoder" else session
+
+    engine = engines(settings_factory(), wrap)
+    holder.append(engine)
+    result = asyncio.run(engine.submit(request()))
+    assert result.steps_run == [4] and not result.interrupted
+
+
+def test_jobs_after_a_failed_model_load_say_so(demo_models, settings_factory):
+    engine = Engine(settings_factory(), models=demo_models)
+    engine.load_error = "ModelLoadError: unet.axmodel: expected input sample [1,4,64,64]"
+    with pytest.raises(DeviceLostError, match="failed to load") as raised:
+        asyncio.run(engine.generate(lambda: request()))
+    assert raised.value.retry_after is None

@@ -1,8 +1,7 @@
 """Engine: the one object the API talks to. It owns the models, the Pipeline and the job queue.
 
-Interrupt returns what the job has: the current image is decoded from its last step and the
-remaining images are not started. Skip follows A1111: the current image stops at the next step
-boundary, its partial result is kept (decoded), and the job goes on with the next image.
+The HTTP side (submit, queue wait, disconnects, status) lives here; what the NPU worker does with
+a job is in runner.py.
 """
 
 from __future__ import annotations
@@ -13,17 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-from PIL import Image
 
 from ..pipeline.generate import Pipeline
 from ..pipeline.stages import StageError
 from ..pipeline.tokenizer import ClipTokenizer
 from ..runtime.session import ModelLoadError
 from .metrics import ServiceMetrics, note_request
-from .progress import ProgressControl, ProgressState
+from .progress import ProgressState
 from .queue import (
     DEVICE_LOST_AFTER_FAILURES,
     ClientDisconnectedError,
@@ -39,6 +35,7 @@ from .queue import (
     looks_like_device_loss,
     new_task_id,
 )
+from .runner import GenerationResult, JobRunner
 
 if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels, ModelFiles
@@ -60,37 +57,6 @@ log = logging.getLogger(__name__)
 Wrap = Callable[[str, "Session"], "Session"]
 SESSION_ROLES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DISCONNECT_POLL_S = 0.25
-
-
-@dataclass
-class GenerationResult:
-    """What one job produced (images not yet encoded)."""
-
-    request: GenerationRequest
-    images: list[Image.Image]
-    seeds: list[int]
-    subseeds: list[int]
-    prompts: list[str]
-    negative_prompts: list[str]
-    warnings: list[str]
-    text_time_ms: float
-    total_time_ms: float
-    stage_ms: dict[str, float]
-    job_timestamp: str
-    interrupted: bool
-    skipped_images: int = 0
-    queue_wait_ms: float = 0.0
-    task_id: str = ""
-    steps_run: list[int] = field(default_factory=list)
-
-
-def _stage_sums(timings_ms: dict[str, float], into: dict[str, float]) -> None:
-    """Add per-image timings into per-job stage sums (per-step UNet keys are folded into `unet`)."""
-    for key, ms in timings_ms.items():
-        if key.startswith("unet_step"):
-            continue
-        stage = "unet" if key == "unet_total" else key
-        into[stage] = into.get(stage, 0.0) + ms
 
 
 def wrap_models(models: LoadedModels, wrap: Wrap) -> LoadedModels:
@@ -136,6 +102,7 @@ class Engine:
         self.jobs_dropped = 0            # queued jobs whose client disconnected
         self.device_lost: str | None = None
         self._worker: Worker | None = None
+        self._runner: JobRunner | None = None
         self.load_error: str | None = None   # set when a background start failed
         self._shutting_down = False
         self._consecutive_failures = 0
@@ -155,6 +122,8 @@ class Engine:
         self.pipeline = Pipeline(self.models, ClipTokenizer.from_dir(self.models.tokenizer_dir))
         self.capabilities = CapabilityTable.from_models(self.models, self.settings)
         self.options = OptionsStore(self.settings, self.models)
+        self._runner = JobRunner(self.pipeline, self.models.image_size, self.progress, self.metrics,
+                                 self._preview_period)
         self._worker = Worker(self.queue, self._run_job)
         self._worker.start()
         log.info("engine ready: %s on %s (max_queue=%d)", self.models.model_name, self.models.backend,
@@ -205,6 +174,14 @@ class Engine:
             self._worker.join(timeout=1.0)
 
     # --- submitting ----------------------------------------------------------------------------
+    def _refuse_unless_accepting(self) -> None:
+        """Raise (and count) the 503 that says why no job can be taken now."""
+        try:
+            self._check_accepting()
+        except ServiceUnavailableError as exc:
+            self.metrics.reject(_reason(exc))
+            raise
+
     def _check_accepting(self) -> None:
         if self._shutting_down:
             raise ShuttingDownError("The service is shutting down and accepts no new jobs")
@@ -223,11 +200,7 @@ class Engine:
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> GenerationResult:
         """Queue one request and wait for its result (see design.md for the exceptions raised)."""
-        try:
-            self._check_accepting()
-        except ServiceUnavailableError as exc:
-            self.metrics.reject(_reason(exc))
-            raise
+        self._refuse_unless_accepting()
         if not req.task_id:
             req.task_id = new_task_id(req.mode)
         loop = asyncio.get_running_loop()
@@ -259,8 +232,8 @@ class Engine:
         NPU worker)."""
         from .results import encode_result
 
-        if self.capabilities is None:
-            raise NotReadyError("Models are still loading", retry_after=5)
+        self._refuse_unless_accepting()  # before decoding any image
+        assert self.capabilities is not None
         req = self.capabilities.apply(await asyncio.to_thread(translate), self.options)
         result = await self.submit(req, is_disconnected=is_disconnected)
         checkpoint = self.options.checkpoint if self.options else None
@@ -294,7 +267,7 @@ class Engine:
                 raise ClientDisconnectedError(f"client disconnected; job {job.task_id} dropped")
         return await job.future
 
-    # --- the worker side -----------------------------------------------------------------------
+    # --- options read per job -----------------------------------------------------------------------
     def _preview_period(self) -> int | None:
         """Steps between live previews, or None when previews are off."""
         if not self._option("live_previews_enable", self.settings.live_previews):
@@ -307,68 +280,17 @@ class Engine:
         return default if value is None else value
 
     def _run_job(self, job: Job) -> GenerationResult:
-        """Runs on the worker thread: every image of the request, with progress and stop flags."""
+        """Runs on the worker thread (see runner.py); keeps count of failures for the device-loss check."""
         if self.device_lost:
             raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
-        assert self.pipeline is not None and self.models is not None
-        req = job.request
-        wait_ms = ((job.started_at or time.monotonic()) - job.enqueued_at) * 1000.0
-        self.metrics.queue_wait_seconds.observe(wait_ms / 1000.0)
-        image_jobs = req.image_jobs(*self.models.image_size)
-        started = time.perf_counter()
-        timestamp = self.progress.begin(job.task_id, f"scripts_{req.mode}", len(image_jobs))
-        images: list[Image.Image] = []
-        done_jobs = []
-        steps_run: list[int] = []
-        warnings: list[str] = list(req.warnings)
-        stage_ms: dict[str, float] = {}
-        skipped = 0
-        interrupted = False
-        preview_every = self._preview_period()
-        conditioner = self.pipeline.text_conditioner(req.emphasis)  # embeddings cached across the images
+        assert self._runner is not None
         try:
-            for index, image_job in enumerate(image_jobs):
-                if self.progress.is_interrupted():
-                    interrupted = True
-                    break
-                self.progress.next_image(index, len(image_job.timesteps))
-                control = ProgressControl(self.progress, self.pipeline.decode_preview, preview_every)
-                output = self.pipeline.generate(image_job, control, conditioner)
-                if control.preview_ms:
-                    stage_ms["vae_preview"] = stage_ms.get("vae_preview", 0.0) + control.preview_ms
-                if output.steps_run < len(image_job.timesteps):
-                    if self.progress.is_interrupted():
-                        interrupted = True
-                    else:
-                        skipped += 1
-                images.append(output.image)
-                done_jobs.append(image_job)
-                steps_run.append(output.steps_run)
-                _stage_sums(output.timings_ms, stage_ms)
-                warnings.extend(w for w in output.warnings if w not in warnings)
-            interrupted = interrupted or self.progress.is_interrupted()
+            result = self._runner.run(job)
         except StageError as exc:
             self._note_stage_failure(exc)
-            self.metrics.jobs.labels(outcome="failed").inc()
             raise
-        except Exception:
-            self.metrics.jobs.labels(outcome="failed").inc()
-            raise
-        finally:
-            self.progress.end()
         self._consecutive_failures = 0
-        self.metrics.images.inc(len(images))
-        self.metrics.jobs.labels(outcome="interrupted" if interrupted else "ok").inc()
-        self.metrics.observe_stages(stage_ms)
-        return GenerationResult(
-            request=req, images=images,
-            seeds=[j.seed for j in done_jobs], subseeds=[j.subseed for j in done_jobs],
-            prompts=[j.prompt for j in done_jobs], negative_prompts=[j.negative_prompt for j in done_jobs],
-            warnings=warnings, text_time_ms=stage_ms.get("text", 0.0),
-            total_time_ms=(time.perf_counter() - started) * 1000.0, stage_ms=stage_ms,
-            job_timestamp=timestamp, interrupted=interrupted, skipped_images=skipped,
-            queue_wait_ms=wait_ms, task_id=job.task_id, steps_run=steps_run,
-        )
+        return result
 
     def _note_stage_failure(self, exc: StageError) -> None:
         """Count consecutive failures; declare the device lost on its error text or after N in a row."""

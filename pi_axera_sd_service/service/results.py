@@ -19,7 +19,7 @@ from .infotext import create_infotext, service_version
 from .options import DEFAULT_EMPHASIS, CheckpointInfo
 
 if TYPE_CHECKING:
-    from .engine import GenerationResult
+    from .runner import GenerationResult
 
 SCHEDULER_LABEL = "Automatic"
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}
