@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,8 +15,13 @@ from PIL import Image
 
 from pi_axera_sd_service.pipeline.conditioning import TextConditioner
 from pi_axera_sd_service.pipeline.generate import ImageJob, Pipeline
-from pi_axera_sd_service.pipeline.images import encode_image
-from pi_axera_sd_service.pipeline.scheduler import img2img_timesteps, txt2img_timesteps
+from pi_axera_sd_service.pipeline.images import encode_image, image_to_nchw
+from pi_axera_sd_service.pipeline.scheduler import (
+    alphas_cumprod,
+    boundary_scalings,
+    img2img_timesteps,
+    txt2img_timesteps,
+)
 from pi_axera_sd_service.pipeline.stages import StageError, TextEncoder
 from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
 from pi_axera_sd_service.runtime.demo_pack import demo_pack_dir
@@ -229,3 +237,87 @@ def test_text_encoder_casts_ids_to_the_reported_dtype():
     out = TextEncoder(session).encode(list(range(77)))
     assert session.fed[0].dtype == np.int32 and session.fed[0].shape == (1, 77)
     assert out.shape == (1, 77, 768) and out.dtype == np.float32
+
+
+def _spy_stages(pipeline: Pipeline, monkeypatch) -> dict[str, list]:
+    """Record the raw arrays the loop hands to the UNet and VAE decoder (before any feed cast)."""
+    seen: dict[str, list] = {"samples": [], "eps": [], "decoded": [], "dtypes": []}
+    predict, decode = pipeline.unet.predict, pipeline.vae_decoder.decode
+
+    def spy_predict(sample, time_row, context):
+        seen["dtypes"] += [np.asarray(sample).dtype, np.asarray(time_row).dtype, np.asarray(context).dtype]
+        seen["samples"].append(np.array(sample))
+        eps = predict(sample, time_row, context)
+        seen["eps"].append(eps)
+        return eps
+
+    def spy_decode(latent):
+        seen["dtypes"].append(np.asarray(latent).dtype)
+        seen["decoded"].append(np.array(latent))
+        return decode(latent)
+
+    monkeypatch.setattr(pipeline.unet, "predict", spy_predict)
+    monkeypatch.setattr(pipeline.vae_decoder, "decode", spy_decode)
+    return seen
+
+
+def test_two_step_schedule_renoises_to_the_next_timestep_and_not_after_the_last(pipeline, unet, monkeypatch):
+    seen = _spy_stages(pipeline, monkeypatch)
+    pipeline.generate(_job(timesteps=[999, 499], seed=5, cfg_scale=1.5, negative_prompt="dark"))
+    assert set(seen["dtypes"]) == {np.dtype("float32")}  # no float64 reaches a session feed
+    rng = np.random.Generator(np.random.PCG64(5))
+    shape = pipeline.models.latent_shape
+    x = rng.standard_normal(shape, dtype=np.float32)
+    assert np.array_equal(seen["samples"][0], x)
+    acp = alphas_cumprod().astype(np.float64)
+
+    def guided(step: int) -> np.ndarray:
+        uncond, cond = seen["eps"][2 * step], seen["eps"][2 * step + 1]
+        return uncond + 1.5 * (cond - uncond)
+
+    def denoise(x: np.ndarray, eps: np.ndarray, t: int) -> np.ndarray:
+        x0 = (x - np.sqrt(1 - acp[t]) * eps) / np.sqrt(acp[t])
+        c_skip, c_out = boundary_scalings(t)
+        return c_out * x0 + c_skip * x
+
+    d1 = denoise(x, guided(0), 999)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    expected = np.sqrt(acp[499]) * d1 + np.sqrt(1 - acp[499]) * noise  # ᾱ of 499, the next step here
+    np.testing.assert_allclose(seen["samples"][2], expected, atol=2e-5)
+    d2 = denoise(seen["samples"][2], guided(1), 499)
+    np.testing.assert_allclose(seen["decoded"][0], d2 / 0.18215, atol=1e-4)  # no noise after the last
+
+
+def test_img2img_adds_noise_at_the_first_timestep_of_the_tail(pipeline, unet, monkeypatch):
+    seen = _spy_stages(pipeline, monkeypatch)
+    init = Image.new("RGB", tuple(pipeline.models.image_size), (200, 40, 40))
+    pipeline.generate(_job(init_image=init, timesteps=[499, 259], seed=9))
+    moments = pipeline.vae_encoder.encode(image_to_nchw(init)).astype(np.float64)
+    mean, logvar = moments[:, :4], np.clip(moments[:, 4:], -30, 20)
+    rng = np.random.Generator(np.random.PCG64(9))
+    z0 = (mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)) * 0.18215
+    noise = rng.standard_normal(mean.shape, dtype=np.float32)
+    acp = alphas_cumprod().astype(np.float64)
+    expected = np.sqrt(acp[499]) * z0 + np.sqrt(1 - acp[499]) * noise
+    np.testing.assert_allclose(seen["samples"][0], expected, atol=2e-5)
+    assert set(seen["dtypes"]) == {np.dtype("float32")}
+
+
+def test_same_seed_gives_the_same_png_in_another_process(pipeline, unet):
+    script = (
+        "import sys\n"
+        "from pi_axera_sd_service.pipeline.generate import ImageJob, Pipeline\n"
+        "from pi_axera_sd_service.pipeline.images import encode_image\n"
+        "from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer\n"
+        "from pi_axera_sd_service.runtime.model_dir import load_models, resolve_model_files\n"
+        "files, backend = resolve_model_files(model_dir=sys.argv[1], backend='onnxruntime')\n"
+        "models = load_models(files, backend)\n"
+        "p = Pipeline(models, ClipTokenizer.from_dir(models.tokenizer_dir))\n"
+        "job = ImageJob(prompt=sys.argv[2], negative_prompt='', seed=42, subseed=3, subseed_strength=0.3,"
+        " timesteps=[999, 759, 499, 259], cfg_scale=1.0, init_image=None)\n"
+        "sys.stdout.buffer.write(encode_image(p.generate(job).image, 'png'))\n"
+    )
+    pack = str(pipeline.models.files.unet.parent)
+    other = subprocess.run([sys.executable, "-c", script, pack, PROMPT], capture_output=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}).stdout
+    assert other == _png(pipeline, subseed=3, subseed_strength=0.3)
