@@ -335,7 +335,10 @@ def with_axmodels(pack: Path) -> Path:
     return pack
 
 
-def test_axengine_end_to_end_with_device_and_int32_ids(pack: Path, fake_axengine) -> None:
+def test_axengine_end_to_end_with_device_and_int32_ids(pack: Path, fake_axengine, monkeypatch) -> None:
+    card_node = pack / "axcl_host"
+    card_node.touch()
+    monkeypatch.setattr(axengine_backend, "AXCL_DEVICE_NODE", card_node)
     with_axmodels(pack)
     files, backend = resolve_model_files(model_dir=pack)
     assert backend == "axengine" and files.unet.suffix == ".axmodel"
@@ -363,6 +366,18 @@ def test_axengine_falls_back_to_the_board_provider(pack: Path, fake_axengine, mo
     session = axengine_backend.AxEngineSession(pack / "unet.axmodel", device_id=1)
     assert session.provider == "AxEngineExecutionProvider"
     assert fake_axengine.created[-1]["provider_options"] == [{"device_id": 1}]
+
+
+def test_board_provider_is_preferred_without_the_card_device_node(
+    pack: Path, fake_axengine, monkeypatch
+) -> None:
+    # pyaxengine >= 0.1.3rc3: AXCLRT only when /dev/axcl_host exists (libaxcl_rt may be installed
+    # on a board that has no card)
+    monkeypatch.setattr(axengine_backend, "AXCL_DEVICE_NODE", pack / "no_such_device")
+    with_axmodels(pack)
+    assert axengine_backend.AxEngineSession(pack / "unet.axmodel").provider == "AxEngineExecutionProvider"
+    monkeypatch.setattr(fake_axengine, "AVAILABLE_PROVIDERS", ["AXCLRTExecutionProvider"])
+    assert axengine_backend.AxEngineSession(pack / "unet.axmodel").provider == "AXCLRTExecutionProvider"
 
 
 def test_missing_axengine_gives_install_hint(pack: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
 """AxEngineSession: a Session over pyaxengine (`import axengine`) on the AX650N NPU.
 
-Provider: `AXCLRTExecutionProvider` (M.2 card on a Pi) when available, else
-`AxEngineExecutionProvider` (on-board). The device goes in `provider_options=[{"device_id": N}]`;
+Provider: `AXCLRTExecutionProvider` (M.2 card on a Pi) when the card's device node exists or it is
+the only one offered, else `AxEngineExecutionProvider` (on-board), as pyaxengine 0.1.3rc3 orders them.
+The device goes in `provider_options=[{"device_id": N}]`;
 the `(name, dict)` tuple form does not select the device in pyaxengine 0.1.3.
 """
 
@@ -18,7 +19,7 @@ from .session import FeedError, ModelLoadError, TensorSpec, format_shape_dtype, 
 
 AXCLRT_PROVIDER = "AXCLRTExecutionProvider"
 AXENGINE_PROVIDER = "AxEngineExecutionProvider"
-PREFERRED_PROVIDERS = (AXCLRT_PROVIDER, AXENGINE_PROVIDER)
+AXCL_DEVICE_NODE = Path("/dev/axcl_host")  # present when an AXCL (M.2/PCIe) card is attached
 
 INSTALL_HINT = (
     "install the pyaxengine wheel (AXERA-TECH/pyaxengine releases) and make sure the native library "
@@ -48,9 +49,16 @@ def _import_axengine() -> Any:
     return axengine
 
 
-def choose_provider(available: list[str]) -> str:
-    """AXCLRT when available (card), else AxEngine (board)."""
-    for name in PREFERRED_PROVIDERS:
+def choose_provider(available: list[str], card_present: bool | None = None) -> str:
+    """AXCLRT when a card is attached (or AXCLRT is all there is), else AxEngine (board).
+
+    The wheel in the fork (0.1.3rc2) lists AXCLRT first whenever libaxcl_rt is found, even on a
+    board without a card; `card_present` defaults to whether AXCL_DEVICE_NODE exists.
+    """
+    if card_present is None:
+        card_present = AXCL_DEVICE_NODE.exists()
+    order = (AXCLRT_PROVIDER, AXENGINE_PROVIDER) if card_present else (AXENGINE_PROVIDER, AXCLRT_PROVIDER)
+    for name in order:
         if name in available:
             return name
     raise ModelLoadError(f"axengine offers no NPU provider (available: {available}); {INSTALL_HINT}")
