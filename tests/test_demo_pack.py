@@ -178,3 +178,18 @@ def test_demo_pack_dir_generates_once_and_regenerates_when_stale(tmp_path: Path)
     demo_pack_dir(tmp_path)
     assert (folder / "unet.onnx").stat().st_size > 1000
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temp dirs left behind
+
+
+@pytest.mark.parametrize("stamp", ["[]", '"text"', "null", "{broken"])
+def test_unreadable_stamp_regenerates_instead_of_crashing(tmp_path: Path, stamp: str) -> None:
+    folder = demo_pack_dir(tmp_path)
+    (folder / demo_pack.STAMP_FILE).write_text(stamp)
+    assert demo_pack_dir(tmp_path) == folder
+    assert json.loads((folder / demo_pack.STAMP_FILE).read_text())["fingerprint"]
+
+
+def test_fingerprint_covers_every_generator_module() -> None:
+    from pi_axera_sd_service.runtime import demo_tokenizer
+
+    sources = {Path(p).name for p in demo_pack.GENERATOR_SOURCES}
+    assert {Path(demo_pack.__file__).name, Path(demo_tokenizer.__file__).name} <= sources
