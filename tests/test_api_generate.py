@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from pi_axera_sd_service.pipeline.stages import StageError
@@ -152,3 +153,22 @@ def test_server_faults_are_5xx_in_the_generate_shape(app_client, monkeypatch) ->
     monkeypatch.setattr(engine, "submit", stage_failed)
     resp = app_client.post("/generate", json={"mode": "txt2img", "prompt": "p"})
     assert resp.status_code == 500 and "unet" in resp.json()["error"]
+
+
+def test_an_unexpected_fault_is_a_500_in_the_generate_shape(app_client, monkeypatch) -> None:
+    engine = app_client.app.state.engine
+
+    async def broken(req, is_disconnected=None):
+        raise RuntimeError("something unforeseen")
+
+    monkeypatch.setattr(engine, "submit", broken)
+    client = TestClient(app_client.app, raise_server_exceptions=False)
+    resp = client.post("/generate", json={"mode": "txt2img", "prompt": "p"})
+    assert resp.status_code == 500 and resp.json()["status"] == "error" and resp.json()["error"]
+    sdapi = client.post("/sdapi/v1/txt2img", json={"prompt": "p"})
+    assert sdapi.status_code == 500 and sdapi.json()["error"] == "RuntimeError"
+
+
+def test_an_undecodable_init_image_names_the_field_as_sent(app_client) -> None:
+    resp = app_client.post("/generate", json={"mode": "img2img", "prompt": "p", "init_image": "bm90IGFu"})
+    assert resp.status_code == 400 and resp.json()["error"].startswith("Invalid encoded image (init_image)")

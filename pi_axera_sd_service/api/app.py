@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,11 +20,9 @@ from starlette.routing import BaseRoute, Match
 from ..pipeline.stages import StageError
 from ..service.engine import ClientDisconnectedError, Engine, ServiceUnavailableError
 from ..settings import Settings
-from .errors import a1111_body
+from .errors import a1111_body, generate_error_for, sdapi_error_for
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware, Scope
 from .routers import generate, internal, sdapi
-
-log = logging.getLogger(__name__)
 
 
 def _route_label_for(app: FastAPI, routers: list[APIRouter]):
@@ -53,19 +50,16 @@ def _is_sdapi(request: Request) -> bool:
     return request.url.path.startswith("/sdapi/")
 
 
+def _is_generate(request: Request) -> bool:
+    return request.url.path == "/generate"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    async def service_unavailable(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServiceUnavailableError)
-        body = a1111_body(exc.detail, type(exc).__name__, exc.status_code)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    async def stage_failed(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StageError)
-        detail = f"The {exc.stage} stage failed: {exc.message}"
-        return JSONResponse(a1111_body(detail, "StageError", 500), status_code=500)
-
-    async def client_gone(request: Request, exc: Exception) -> Response:
-        return Response(status_code=ClientDisconnectedError.status_code)
+    async def service_error(request: Request, exc: Exception) -> Response:
+        """Queue/device 503s, stage faults, dropped jobs: the route family's error shape."""
+        response = generate_error_for(exc) if _is_generate(request) else sdapi_error_for(exc)
+        assert response is not None
+        return response
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -79,16 +73,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        log.error("unhandled %s on %s: %s", type(exc).__name__, request.url.path, exc, exc_info=exc)
-        return JSONResponse(a1111_body("", type(exc).__name__, 500), status_code=500)
-
-    app.add_exception_handler(ServiceUnavailableError, service_unavailable)
-    app.add_exception_handler(StageError, stage_failed)
-    app.add_exception_handler(ClientDisconnectedError, client_gone)
+    for expected in (ServiceUnavailableError, StageError, ClientDisconnectedError):
+        app.add_exception_handler(expected, service_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    app.add_exception_handler(Exception, unexpected)
+    # Any other exception: RequestLogMiddleware logs it and answers 500 (errors.server_fault_body).
 
 
 def _json_safe(value: Any) -> Any:

@@ -21,6 +21,13 @@ def a1111_body(detail: Any, error: str = "HTTPException", status_code: int | Non
     return {"error": error, "detail": detail, "body": "", "errors": errors}
 
 
+def server_fault_body(path: str, exc: BaseException) -> dict[str, Any]:
+    """The 500 body for an unexpected exception, in the shape of the route family (no internals)."""
+    if path == "/generate":
+        return {"status": "error", "error": f"internal server error ({type(exc).__name__})"}
+    return a1111_body("", type(exc).__name__, 500)
+
+
 def a1111_error(
     status_code: int, detail: Any, error: str = "HTTPException", headers: dict[str, str] | None = None
 ) -> JSONResponse:

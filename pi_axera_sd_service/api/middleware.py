@@ -17,7 +17,7 @@ from typing import Any
 
 from ..service.metrics import REQUEST_LOG, ServiceMetrics
 from ..settings import Settings
-from .errors import a1111_body
+from .errors import a1111_body, server_fault_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -117,7 +117,7 @@ class RequestLogMiddleware:
                              scope["path"], exc, exc_info=exc)
             record["error"] = f"{type(exc).__name__}: {exc}"
             if not response_started:
-                await send_with_id_safe(send_with_id, a1111_body("", type(exc).__name__, 500))
+                await send_with_id_safe(send_with_id, server_fault_body(scope["path"], exc))
             status = 500
         finally:
             REQUEST_LOG.reset(token)

@@ -172,16 +172,17 @@ def fixed_seed(seed: int) -> int:
 
 def decode_init_images(values: Iterable[Any], field_name: str, max_pixels: int) -> list[Image.Image]:
     """Raw base64 or data-URI strings -> RGB images; undecodable -> RequestError 400 naming the item."""
-    images = []
-    for index, value in enumerate(values):
-        name = f"{field_name}[{index}]"
-        if not isinstance(value, str):
-            raise RequestError(name, f"Invalid encoded image ({name}): expected a base64 string")
-        try:
-            images.append(decode_image_b64(value, max_pixels))
-        except ImageDecodeError as exc:
-            raise RequestError(name, f"Invalid encoded image ({name}): {exc}") from exc
-    return images
+    return [decode_init_image(value, f"{field_name}[{i}]", max_pixels) for i, value in enumerate(values)]
+
+
+def decode_init_image(value: Any, name: str, max_pixels: int) -> Image.Image:
+    """One raw base64 or data-URI string -> an RGB image; RequestError 400 naming `name` otherwise."""
+    if not isinstance(value, str):
+        raise RequestError(name, f"Invalid encoded image ({name}): expected a base64 string")
+    try:
+        return decode_image_b64(value, max_pixels)
+    except ImageDecodeError as exc:
+        raise RequestError(name, f"Invalid encoded image ({name}): {exc}") from exc
 
 
 def _check_prompt(name: str, value: Any, settings: Settings) -> str:
@@ -280,7 +281,7 @@ def from_generate(
             init = sent["init_images"][0]
         if not init:
             raise RequestError("init_image", "init_image (base64) is required for img2img")
-        req.init_images = decode_init_images([init], "init_image", settings.max_init_image_pixels)
+        req.init_images = [decode_init_image(init, "init_image", settings.max_init_image_pixels)]
         strength = sent.get("denoising_strength", sent.get("strength"))
         req.denoising_strength = DEFAULT_DENOISING["generate"] if strength is None else _as_float(
             strength, "denoising_strength"
