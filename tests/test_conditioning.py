@@ -245,3 +245,11 @@ def test_text_encoder_object_with_encode_method_and_shape_check(tokenizer):
 
     with pytest.raises(ValueError, match="shape"):
         TextConditioner(tokenizer, Stage()).embedding("cat")
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_a_max_and_prompts_below_one_still_keeps_the_first_subprompt(tokenizer, guidance):
+    conditioner = TextConditioner(tokenizer, TableEncoder(tokenizer.vocab_size))
+    plan = conditioner.plan("a cat AND a dog", "", steps=1, max_and_prompts=0, guidance=guidance)
+    conds, _ = conditioner.conds_at(plan, 1)
+    assert len(conds) == 1

@@ -151,6 +151,7 @@ class TextConditioner:
         """Parse extra-network tags, AND sub-prompts and editing schedules; tokenize every text."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        max_and_prompts = max(1, max_and_prompts)  # 0 would drop the prompt and leave only uncond
         warnings: list[str] = []
         prompt, networks = extract_extra_networks(prompt)
         if networks:
