@@ -172,3 +172,20 @@ def test_extra_network_tags_are_removed_and_collected():
 
 def test_text_without_tags_is_unchanged():
     assert extract_extra_networks("a <b> c") == ("a <b> c", {})
+
+
+@pytest.mark.parametrize(
+    ("prompt", "by_steps"),
+    [
+        # A1111: int(when * steps) for a decimal `when`, min(steps, when) otherwise; `step <= when` = before
+        ("[a:b:0.5]", {1: [(1, "b")], 2: [(1, "a"), (2, "b")], 3: [(1, "a"), (3, "b")],
+                       4: [(2, "a"), (4, "b")]}),
+        ("[a:b:2]", {1: [(1, "a")], 2: [(2, "a")], 3: [(2, "a"), (3, "b")], 4: [(2, "a"), (4, "b")]}),
+        ("[a:b:0.25]", {1: [(1, "b")], 2: [(2, "b")], 3: [(3, "b")], 4: [(1, "a"), (4, "b")]}),
+        ("[a|b]", {1: [(1, "a")], 2: [(1, "a"), (2, "b")], 3: [(1, "a"), (2, "b"), (3, "a")],
+                   4: [(1, "a"), (2, "b"), (3, "a"), (4, "b")]}),
+    ],
+)
+def test_editing_schedules_for_one_to_four_steps(prompt, by_steps):
+    for steps, expected in by_steps.items():
+        assert get_learned_conditioning_prompt_schedules([prompt], steps)[0] == expected, steps
