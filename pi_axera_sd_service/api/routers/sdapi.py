@@ -57,7 +57,7 @@ async def _generate(mode: str, payload: Txt2ImgRequest | Img2ImgRequest, request
         if response is None:
             raise
         return response
-    include = bool(getattr(payload, "include_init_images", False))
+    include = isinstance(payload, Img2ImgRequest) and bool(payload.include_init_images)
     body = {
         "images": encoded.images_b64,
         "parameters": sdapi_parameters(payload.model_dump(), include_init_images=include),
