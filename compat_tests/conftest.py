@@ -76,7 +76,7 @@ def _wait_ready(proc: subprocess.Popen, base_url: str, log_path: Path, auth) -> 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
-        for path in ("/health", "/internal/ping"):
+        for path in ("/health",):  # 200 only once the models are loaded (ping answers while loading)
             try:
                 r = requests.get(base_url + path, timeout=2, auth=auth)
                 if r.status_code == 200:
