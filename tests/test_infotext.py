@@ -107,3 +107,9 @@ def test_png_info_without_infotext_and_bad_data() -> None:
     assert png_info("")["info"] == ""
     with pytest.raises(RequestError):
         png_info("not an image at all")
+
+
+def test_a_param_with_an_empty_value_is_left_out_as_a1111_does() -> None:
+    """A1111 indexes v[0] inside try/except, so `Sampler: ,` never sets Sampler."""
+    parsed = parse_generation_parameters("a cat\nSteps: 4, Sampler: , Seed: 1, CFG scale: 1")
+    assert "Sampler" not in parsed and parsed["Steps"] == "4" and parsed["Seed"] == "1"

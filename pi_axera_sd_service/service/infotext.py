@@ -143,7 +143,9 @@ def parse_generation_parameters(text: str) -> dict[str, Any]:
         else:
             prompt += ("" if prompt == "" else "\n") + line
     for key, value in PARAM_RE.findall(last_line):
-        if value and value[0] == '"' and value[-1] == '"':
+        if not value:  # A1111 fails on v[0] and skips the key
+            continue
+        if value[0] == '"' and value[-1] == '"':
             value = unquote(value)
         size = IMAGE_SIZE_RE.match(value)
         if size is not None:
