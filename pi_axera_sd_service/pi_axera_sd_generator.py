@@ -311,7 +311,10 @@ def cmd_check_models(args: argparse.Namespace) -> int:
     files, backend = resolve_files(settings, model_dir=args.folder)
     lines = check_models(files, backend, settings.device_id)
     print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
-    return 0 if all(line.ok for line in lines) else 1
+    if all(line.ok for line in lines):
+        return 0
+    print(f"{PROG}: check-models: see the [FAIL] lines above", file=sys.stderr)
+    return 1
 
 
 def cmd_make_demo_models(args: argparse.Namespace) -> int:
