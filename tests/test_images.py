@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -255,3 +256,18 @@ def test_jpeg_infotext_too_long_for_exif_is_shortened_not_an_error():
     stored = read_infotext(data)
     assert stored and text.startswith(stored)
     assert read_infotext(encode_image(Image.new("RGB", (8, 8)), "webp", text)) == text
+
+
+def test_decode_errors_name_the_problem_not_python_internals() -> None:
+    """Clients read this text: no object reprs; a giant image names the setting that raises the limit."""
+    with pytest.raises(ImageDecodeError) as not_an_image:
+        decode_image_b64(base64.b64encode(b"plain text, not pixels" * 4).decode(), 10**7)
+    assert "object at 0x" not in str(not_an_image.value) and "PNG" in str(not_an_image.value)
+    header = io.BytesIO()
+    Image.new("L", (1, 1)).save(header, "PNG")
+    giant = bytearray(header.getvalue())
+    giant[16:24] = (40000).to_bytes(4, "big") * 2  # IHDR claims 40000 x 40000 = 1.6 G pixels
+    giant[29:33] = zlib.crc32(bytes(giant[12:29])).to_bytes(4, "big")
+    with pytest.raises(ImageDecodeError) as bomb:
+        decode_image_bytes(bytes(giant), 10**7)
+    assert "max_init_image_pixels" in str(bomb.value)

@@ -13,7 +13,7 @@ import io
 import re
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 EXIF_IFD_POINTER = 0x8769
@@ -46,10 +46,16 @@ def decode_image_b64(data: str, max_pixels: int) -> Image.Image:
 
 def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
     """PNG/JPEG/WEBP bytes -> RGB image (see `decode_image_b64`)."""
+    accepted = ", ".join(ACCEPTED_FORMATS)
     try:
         img = Image.open(io.BytesIO(raw), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, far above ours
+        raise ImageDecodeError(
+            f"image is larger than the limit of {max_pixels} pixels (setting max_init_image_pixels)"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"cannot decode image: not a {accepted} image") from exc
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: PIL raises many kinds of errors
-        accepted = ", ".join(ACCEPTED_FORMATS)
         raise ImageDecodeError(f"cannot decode image (accepted: {accepted}): {exc}") from exc
     width, height = img.size
     if width * height > max_pixels:
