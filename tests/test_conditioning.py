@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_vocab import MERGES, tiny_clip_vocab
 
 from pi_axera_sd_service.pipeline.conditioning import (
     TextConditioner,
@@ -11,20 +12,13 @@ from pi_axera_sd_service.pipeline.conditioning import (
     tokenize_weighted,
 )
 from pi_axera_sd_service.pipeline.prompt_parser import parse_prompt_attention
-from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer, bytes_to_unicode
+from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
 
-MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o")]
 HIDDEN = 768
 
 
 def make_tokenizer(pad_token: str | None = None) -> ClipTokenizer:
-    chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in MERGES]:
-        vocab[token] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return ClipTokenizer(vocab, MERGES, pad_token=pad_token)
+    return ClipTokenizer(tiny_clip_vocab(), MERGES, pad_token=pad_token)
 
 
 class TableEncoder:

@@ -7,21 +7,15 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from tiny_vocab import MERGES, tiny_clip_vocab
 
-from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer, bytes_to_unicode
+from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
 from pi_axera_sd_service.runtime.session import ModelLoadError
-
-MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o")]
 
 
 def write_clip_tokenizer(folder: Path, config: dict | None = None) -> dict[str, int]:
-    """256 byte characters, their `</w>` forms, a few merges, then the two specials (last)."""
-    chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in MERGES]:
-        vocab[token] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    """The tiny vocabulary as vocab.json + merges.txt (+ tokenizer_config.json) in `folder`."""
+    vocab = tiny_clip_vocab()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     merges_text = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in MERGES) + "\n"
