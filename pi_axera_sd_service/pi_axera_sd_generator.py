@@ -16,17 +16,25 @@ if not __package__:  # run as a file: import the package from the checkout, not 
     sys.path.insert(0, str(_PKG_DIR.parent))
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import logging  # noqa: E402
-import secrets  # noqa: E402
-import time  # noqa: E402
+import socket  # noqa: E402
 import types  # noqa: E402
 import typing  # noqa: E402
 from collections.abc import Callable, Iterable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
 
+from pi_axera_sd_service.oneshot import (  # noqa: E402
+    CliError,
+    GenerateResult,
+    generate_image,
+    print_result,
+    resolve_files,
+    settings_error,
+    upstream_settings,
+)
 from pi_axera_sd_service.settings import (  # noqa: E402
     MODEL_PATH_FIELDS,
     Settings,
@@ -39,9 +47,10 @@ SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install
 RUNTIME_FIELDS = (*MODEL_PATH_FIELDS, "backend", "device_id", "demo", "cache_dir", "log_level")
 log = logging.getLogger("pi_axera_sd_service.cli")
 
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 1."""
+__all__ = [  # the one-shot names stay importable from here for older callers
+    "CliError", "GenerateResult", "build_parser", "generate_image", "main", "print_result",
+    "run_reporting_errors", "settings_from_args", "upstream_settings", "with_demo_fallback",
+]
 
 
 # --------------------------------------------------------------------------- settings flags
@@ -82,23 +91,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         return settings_from_cli(given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
-        raise CliError(f"invalid settings: {problems}") from None
+        raise settings_error(exc) from None
 
 
 # --------------------------------------------------------------------------- models
-
-
-def resolve_files(settings: Settings, model_dir: Path | None = None) -> tuple[Any, str]:
-    """(ModelFiles, backend) for the configured models, an explicit folder, or the demo pack."""
-    from pi_axera_sd_service.runtime.model_dir import resolve_model_files
-    from pi_axera_sd_service.service.engine import configured_model_files
-
-    if model_dir is not None:
-        return resolve_model_files(model_dir=model_dir, backend=settings.backend)
-    return configured_model_files(settings)
 
 
 def with_demo_fallback(settings: Settings) -> Settings:
@@ -126,151 +122,6 @@ def with_demo_fallback(settings: Settings) -> Settings:
     return settings.model_copy(update={"demo": True})
 
 
-UPSTREAM_BACKENDS = {"axe": "axengine", "onnx": "onnxruntime"}
-
-
-def upstream_settings(args: argparse.Namespace) -> Settings:
-    """Settings for python/run_*.py: their upstream flags, `./models` for files not given, env for the rest.
-
-    The package needs the 4-row `time_input_txt2img.npy`; an upstream `time_input_img2img.npy` (rows
-    for 499 and 259, then zeros) is replaced by the txt2img file next to it.
-    """
-    time_input = Path(args.time_input) if args.time_input else None
-    if time_input is not None and time_input.name == "time_input_img2img.npy":
-        time_input = time_input.with_name("time_input_txt2img.npy")
-        print(f"note: using {time_input} (all four time rows), not time_input_img2img.npy", file=sys.stderr)
-
-    def path(name: str) -> Path | None:
-        value = getattr(args, name, None)
-        return Path(value) if value else None
-
-    try:
-        return Settings(
-            model_dir=Path("./models"),
-            text_model_dir=path("text_model_dir"),
-            unet_model=path("unet_model"),
-            vae_decoder_model=path("vae_decoder_model"),
-            vae_encoder_model=path("vae_encoder_model"),
-            time_input_txt2img=time_input,
-            backend=UPSTREAM_BACKENDS.get(args.backend, args.backend),
-            demo=bool(args.demo),
-        )
-    except ValidationError as exc:
-        raise CliError(f"invalid settings: {exc.errors()[0]['msg']}") from None
-
-
-@dataclass
-class GenerateResult:
-    """What a one-shot generation reports."""
-
-    path: Path
-    seed: int
-    timings_ms: dict[str, float]
-    warnings: list[str]
-    mode: str
-
-
-def generate_image(
-    settings: Settings,
-    *,
-    prompt: str,
-    output: Path,
-    negative_prompt: str = "",
-    seed: int = -1,
-    steps: int = 4,
-    cfg_scale: float = 1.0,
-    init_image: Path | None = None,
-    denoising_strength: float = 0.5,
-    resize_mode: int = 0,
-    files: tuple[Any, str] | None = None,
-) -> GenerateResult:
-    """One txt2img (or img2img with `init_image`) through Pipeline.generate, written as a PNG.
-
-    The PNG carries the A1111 infotext (`parameters` chunk), as the service's images do.
-    """
-    from pi_axera_sd_service.pipeline.generate import ImageJob, Pipeline
-    from pi_axera_sd_service.pipeline.images import decode_image_bytes, encode_image, resize_image
-    from pi_axera_sd_service.pipeline.scheduler import img2img_timesteps, txt2img_timesteps
-    from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
-    from pi_axera_sd_service.runtime.model_dir import load_models
-    from pi_axera_sd_service.runtime.session import ModelLoadError
-    from pi_axera_sd_service.service.infotext import create_infotext
-
-    if not 1 <= steps <= 4:
-        raise CliError(f"--steps must be 1..4 (time rows exist for 999, 759, 499, 259), got {steps}")
-    if init_image is not None and not 0.0 <= denoising_strength <= 1.0:
-        raise CliError(f"--denoising-strength must be in [0, 1], got {denoising_strength}")
-    seed = secrets.randbelow(2**32) if seed is None or seed < 0 else seed
-    init = None
-    if init_image is not None:
-        try:
-            raw = Path(init_image).read_bytes()
-        except OSError as exc:
-            raise CliError(f"cannot read init image {init_image}: {exc.strerror or exc}") from None
-        init = decode_image_bytes(raw, settings.max_init_image_pixels)
-
-    model_files, backend = files or resolve_files(settings)
-    t0 = time.perf_counter()
-    try:
-        models = load_models(model_files, backend, device_id=settings.device_id, cache_dir=settings.cache_dir)
-    except ModelLoadError as exc:
-        if settings.demo or settings.model_paths_configured:
-            raise
-        raise ModelLoadError(f"{exc} (no model paths configured: set --model-dir / MODEL_DIR, or try --demo)",
-                             exc.path) from None
-    load_ms = (time.perf_counter() - t0) * 1000
-    if init is not None:
-        if models.vae_encoder is None:
-            raise CliError("img2img needs a VAE encoder model (--vae-encoder-model / VAE_ENCODER_MODEL)")
-        width, height = models.image_size
-        init = resize_image(init, resize_mode, width, height)
-        timesteps = img2img_timesteps(denoising_strength, steps)
-    else:
-        timesteps = txt2img_timesteps(steps)
-
-    job = ImageJob(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        seed=seed,
-        subseed=0,
-        subseed_strength=0.0,
-        timesteps=list(timesteps),
-        cfg_scale=cfg_scale,
-        init_image=init,
-        max_and_prompts=settings.max_and_prompts,
-    )
-    pipeline = Pipeline(models, ClipTokenizer.from_dir(models.tokenizer_dir))
-    result = pipeline.generate(job)
-    t1 = time.perf_counter()
-    infotext = create_infotext(
-        prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler="LCM",
-        scheduler_label="Automatic", cfg_scale=cfg_scale, seed=seed,
-        width=result.image.width, height=result.image.height,
-        model_hash=models.model_sha256[:10], model_name=models.model_name,
-        denoising_strength=denoising_strength if init is not None else None,
-    )
-    data = encode_image(result.image, "png", infotext, png_compress_level=settings.png_compress_level)
-    timings = {"load_models": load_ms, **result.timings_ms, "image_encode": (time.perf_counter() - t1) * 1000}
-    output = Path(output)
-    if output.parent and not output.parent.exists():
-        output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(data)
-    mode = "img2img" if init is not None else "txt2img"
-    return GenerateResult(output, seed, timings, list(result.warnings), mode)
-
-
-def print_result(result: GenerateResult) -> None:
-    """Seed, per-stage timings and the output path, one per line."""
-    print(f"mode: {result.mode}")
-    print(f"seed: {result.seed}")
-    totals = {k: v for k, v in result.timings_ms.items() if k.endswith("_total")}
-    for stage, ms in [*((k, v) for k, v in result.timings_ms.items() if k not in totals), *totals.items()]:
-        print(f"  {stage:<14} {ms:9.1f} ms")
-    for warning in result.warnings:
-        print(f"warning: {warning}")
-    print(f"saved: {result.path}")
-
-
 # --------------------------------------------------------------------------- subcommands
 
 
@@ -279,8 +130,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pi_axera_sd_service.api.server import configure_logging, run_server
 
     settings = settings_from_args(args)
+    check_port_free(settings.host, settings.port)  # before a model load that takes ~15 s on the device
     configure_logging(settings)  # the server's format (LOG_JSON, LOG_LEVEL) for the fallback line too
     return int(run_server(with_demo_fallback(settings)) or 0)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """CliError when HOST:PORT cannot be bound (in use, no permission, unknown host).
+
+    Binds as uvicorn does (SO_REUSEADDR) and closes again; uvicorn still reports a later race.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CliError(f"cannot listen on {host}:{port}: unknown host ({exc}); check HOST / --host") from None
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        reason = "address already in use (another instance or the upstream service?)" if (
+            exc.errno == errno.EADDRINUSE) else (exc.strerror or str(exc))
+        raise CliError(f"cannot listen on {host}:{port}: {reason}; stop it or set PORT / --port") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pi_axera_sd_service.pi_axera_sd_generator import (  # noqa: E402
+from pi_axera_sd_service.oneshot import (  # noqa: E402
+    add_upstream_arguments,
     generate_image,
     print_result,
-    run_reporting_errors,
     upstream_settings,
 )
+from pi_axera_sd_service.pi_axera_sd_generator import run_reporting_errors  # noqa: E402
 
-BACKENDS = ("auto", "axengine", "onnxruntime", "axe", "onnx")
 DEFAULT_INIT_IMAGE = "./models/img2img-init.png"
 DEFAULT_PROMPT = "Astronauts in a jungle, cold color palette, muted colors, detailed, 8k"
 
@@ -32,18 +32,10 @@ DEFAULT_PROMPT = "Astronauts in a jungle, cold color palette, muted colors, deta
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The upstream flags plus --seed, --denoising_strength, --backend, --demo."""
     p = argparse.ArgumentParser(prog="run_img2img.py", description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--text_model_dir", default="./models/", help="holds tokenizer/ and text_encoder/")
-    p.add_argument("--unet_model", help="default ./models/unet.axmodel (or .onnx)")
-    p.add_argument("--vae_encoder_model", help="default ./models/vae_encoder.axmodel (or .onnx)")
-    p.add_argument("--vae_decoder_model", help="default ./models/vae_decoder.axmodel (or .onnx)")
-    p.add_argument("--time_input", help="default ./models/time_input_txt2img.npy")
+    add_upstream_arguments(p, prompt=DEFAULT_PROMPT, save_dir="./img2img_output_axe.png", img2img=True)
     p.add_argument("--init_image", default=None, help=f"init image (default {DEFAULT_INIT_IMAGE})")
-    p.add_argument("--save_dir", default="./img2img_output_axe.png", help="output PNG file path")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0; -1: random)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0, as upstream; -1: random)")
     p.add_argument("--denoising_strength", type=float, default=0.5, help="0.25/0.5/0.75/1 run 1/2/3/4 steps")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="axe = axengine, onnx = onnxruntime")
-    p.add_argument("--demo", action="store_true", help="use the generated CPU demo pack instead of ./models")
     return p.parse_args(argv)
 
 

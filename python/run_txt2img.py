@@ -13,28 +13,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pi_axera_sd_service.pi_axera_sd_generator import (  # noqa: E402
+from pi_axera_sd_service.oneshot import (  # noqa: E402
+    add_upstream_arguments,
     generate_image,
     print_result,
-    run_reporting_errors,
     upstream_settings,
 )
+from pi_axera_sd_service.pi_axera_sd_generator import run_reporting_errors  # noqa: E402
 
-BACKENDS = ("auto", "axengine", "onnxruntime", "axe", "onnx")
+DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The upstream flags plus --seed, --backend, --demo."""
     p = argparse.ArgumentParser(prog="run_txt2img.py", description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", default="Self-portrait oil painting, a beautiful cyborg with golden hair, 8k")
-    p.add_argument("--text_model_dir", default="./models/", help="holds tokenizer/ and text_encoder/")
-    p.add_argument("--unet_model", help="default ./models/unet.axmodel (or .onnx)")
-    p.add_argument("--vae_decoder_model", help="default ./models/vae_decoder.axmodel (or .onnx)")
-    p.add_argument("--time_input", help="default ./models/time_input_txt2img.npy")
-    p.add_argument("--save_dir", default="./txt2img_output_axe.png", help="output PNG file path")
+    add_upstream_arguments(p, prompt=DEFAULT_PROMPT, save_dir="./txt2img_output_axe.png")
     p.add_argument("--seed", type=int, default=-1, help="seed (-1: random, as upstream's unseeded noise)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="axe = axengine, onnx = onnxruntime")
-    p.add_argument("--demo", action="store_true", help="use the generated CPU demo pack instead of ./models")
     return p.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -196,7 +197,7 @@ def test_invalid_setting_value_is_one_line(tmp_path: Path) -> None:
     env_proc = subprocess.run([sys.executable, "-m", "pi_axera_sd_service", "check-models", tmp_path],
                               capture_output=True, text=True, env=env, timeout=60)
     assert_clean_error(env_proc)
-    assert "device_id" in env_proc.stderr
+    assert "DEVICE_ID / --device-id" in env_proc.stderr and "'x'" in env_proc.stderr
 
 
 def test_install_service_renders_a_unit_for_this_venv(tmp_path: Path) -> None:
@@ -258,3 +259,105 @@ def test_readme_links_every_document() -> None:
     docs += ["RASPBERRY_PI_SETUP.md", "models/README.md", "bench/README.md", "compat_tests/README.md"]
     unlinked = [doc for doc in docs if f"]({doc})" not in readme]
     assert not unlinked, f"README does not link {unlinked}"
+
+
+TIMING_LINE = re.compile(r"^  (\S+)\s+[\d.]+ ms$")
+
+
+def _stages(stdout: str) -> list[str]:
+    return [m.group(1) for line in stdout.splitlines() if (m := TIMING_LINE.match(line))]
+
+
+def test_generate_prints_the_stage_timings_in_pipeline_order(cache_dir: Path, tmp_path: Path) -> None:
+    proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "a fox", "--seed", "1",
+               "--steps", "3", "--output", tmp_path / "t.png")
+    assert proc.returncode == 0, proc.stderr
+    assert _stages(proc.stdout) == ["load_models", "text", "unet_step_1", "unet_step_2", "unet_step_3",
+                                    "unet_total", "vae_decode", "image_encode", "total"]
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), "green").save(init)
+    proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "a fox", "--seed", "1",
+               "--init-image", init, "--denoising-strength", "0.5", "--output", tmp_path / "i.png")
+    assert proc.returncode == 0, proc.stderr
+    assert _stages(proc.stdout) == ["load_models", "text", "vae_encode", "unet_step_1", "unet_step_2",
+                                    "unet_total", "vae_decode", "image_encode", "total"]
+
+
+def test_generate_and_the_service_make_the_same_image(cache_dir: Path, tmp_path: Path) -> None:
+    """One code path: `generate --demo` and POST /generate on the same pack give identical pixels."""
+    import base64
+    import io
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from pi_axera_sd_service.api.app import create_app
+    from pi_axera_sd_service.service.engine import Engine
+
+    out = tmp_path / "cli.png"
+    proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--seed", "5", "--prompt", "a red barn",
+               "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    settings = Settings(demo=True, backend="onnxruntime", cache_dir=cache_dir, state_dir=tmp_path / "state",
+                        output_dir=tmp_path / "out", api_auth=None)
+    engine = Engine(settings)
+    engine.start()
+    with TestClient(create_app(settings, engine)) as client:
+        response = client.post("/generate", json={"mode": "txt2img", "prompt": "a red barn", "seed": 5})
+    assert response.status_code == 200, response.text
+    served_png = base64.b64decode(response.json()["base64"])
+    with Image.open(io.BytesIO(served_png)) as served, Image.open(out) as mine:
+        assert np.array_equal(np.asarray(served), np.asarray(mine))
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "PORT": "abc"}
+    proc = subprocess.run([sys.executable, "-m", "pi_axera_sd_service", "serve"], capture_output=True,
+                          text=True, env=env, timeout=60, cwd=tmp_path)
+    assert_clean_error(proc)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "PORT" in proc.stderr and "--port" in proc.stderr and "abc" in proc.stderr
+
+
+def test_undecodable_init_image_names_the_file(cache_dir: Path, tmp_path: Path) -> None:
+    init = tmp_path / "notes.png"
+    init.write_text("not an image")
+    proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "x", "--init-image", init,
+               "--output", tmp_path / "x.png")
+    assert_clean_error(proc)
+    assert str(init) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_clear_line(cache_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = cli("serve", "--demo", "--cache-dir", cache_dir, "--port", str(port),
+                   "--state-dir", tmp_path / "state", cwd=tmp_path)
+    assert_clean_error(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], proc.stderr
+
+
+def _script_args(name: str, argv: list[str]) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "python" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return vars(module.get_args(argv))
+
+
+def test_upstream_scripts_keep_the_upstream_flags_and_defaults() -> None:
+    """pipeline.md §1.1 / §1.4: same flag names and defaults (model files default to ./models)."""
+    txt = _script_args("run_txt2img", [])
+    assert txt["prompt"] == "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
+    assert (txt["text_model_dir"], txt["save_dir"]) == ("./models/", "./txt2img_output_axe.png")
+    assert txt["seed"] == -1
+    assert {"unet_model", "vae_decoder_model", "time_input", "backend", "demo"} <= set(txt)
+    img = _script_args("run_img2img", [])
+    assert img["prompt"] == "Astronauts in a jungle, cold color palette, muted colors, detailed, 8k"
+    assert (img["save_dir"], img["seed"], img["denoising_strength"]) == ("./img2img_output_axe.png", 0, 0.5)
+    assert {"vae_encoder_model", "init_image"} <= set(img)
+    assert _script_args("run_img2img", ["--backend", "axe"])["backend"] == "axe"

@@ -1,0 +1,249 @@
+"""One image without the service: `pi-axera-sd generate` and `python/run_*.py`.
+
+The same code path as the service: an ImageJob through Pipeline.generate, written as a PNG that
+carries the A1111 infotext. The upstream scripts' flags (`add_upstream_arguments`) and their
+translation to Settings (`upstream_settings`) live here too, so both scripts share them.
+Imports point downward only: this module uses settings, service, pipeline and runtime, never the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from pi_axera_sd_service.settings import Settings, cli_flag, env_name
+
+UPSTREAM_BACKENDS = {"axe": "axengine", "onnx": "onnxruntime"}  # upstream launcher.py's names
+
+
+class CliError(Exception):
+    """A user error: the command line prints it as one line and exits with status 1."""
+
+
+def settings_error(exc: ValidationError) -> CliError:
+    """One line naming each bad setting by its environment name and flag, with the value given."""
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = f"{env_name(field)} / {cli_flag(field)}" if field in Settings.model_fields else "settings"
+        given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        problems.append(f"{name}: {err['msg']}{given}")
+    return CliError("invalid setting " + "; ".join(problems))
+
+
+def resolve_files(settings: Settings, model_dir: Path | None = None) -> tuple[Any, str]:
+    """(ModelFiles, backend) for the configured models, an explicit folder, or the demo pack."""
+    from pi_axera_sd_service.runtime.model_dir import resolve_model_files
+    from pi_axera_sd_service.service.engine import configured_model_files
+
+    if model_dir is not None:
+        return resolve_model_files(model_dir=model_dir, backend=settings.backend)
+    return configured_model_files(settings)
+
+
+# --------------------------------------------------------------------------- one generation
+
+
+@dataclass
+class GenerateResult:
+    """What a one-shot generation reports."""
+
+    path: Path
+    seed: int
+    timings_ms: dict[str, float]   # load_models, the pipeline's keys, image_encode, total
+    warnings: list[str]
+    mode: str                      # "txt2img" | "img2img"
+
+
+def read_init_image(path: Path, max_pixels: int) -> Any:
+    """The init image file as an RGB PIL image; a CliError naming the file otherwise."""
+    from pi_axera_sd_service.pipeline.images import ImageDecodeError, decode_image_bytes
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read init image {path}: {exc.strerror or exc}") from None
+    try:
+        return decode_image_bytes(raw, max_pixels)
+    except ImageDecodeError as exc:
+        raise CliError(f"init image {path}: {exc}") from None
+
+
+def generate_image(
+    settings: Settings,
+    *,
+    prompt: str,
+    output: Path,
+    negative_prompt: str = "",
+    seed: int = -1,
+    steps: int = 4,
+    cfg_scale: float = 1.0,
+    init_image: Path | None = None,
+    denoising_strength: float = 0.5,
+    resize_mode: int = 0,
+    files: tuple[Any, str] | None = None,
+) -> GenerateResult:
+    """One txt2img (or img2img with `init_image`) through Pipeline.generate, written as a PNG.
+
+    `seed` < 0 draws a random one. The PNG carries the A1111 infotext (`parameters` chunk), as the
+    service's images do; its pixels equal the service's for the same seed, prompt and steps.
+    """
+    from pi_axera_sd_service.pipeline.generate import ImageJob, Pipeline
+    from pi_axera_sd_service.pipeline.images import encode_image, resize_image
+    from pi_axera_sd_service.pipeline.scheduler import img2img_timesteps, txt2img_timesteps
+    from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
+    from pi_axera_sd_service.service.infotext import create_infotext
+
+    if not 1 <= steps <= 4:
+        raise CliError(f"--steps must be 1..4 (time rows exist for 999, 759, 499, 259), got {steps}")
+    if init_image is not None and not 0.0 <= denoising_strength <= 1.0:
+        raise CliError(f"--denoising-strength must be in [0, 1], got {denoising_strength}")
+    seed = secrets.randbelow(2**32) if seed is None or seed < 0 else seed
+    init = read_init_image(init_image, settings.max_init_image_pixels) if init_image is not None else None
+
+    started = time.perf_counter()
+    models = _load_models(settings, files)
+    load_ms = (time.perf_counter() - started) * 1000
+    if init is not None:
+        if models.vae_encoder is None:
+            raise CliError("img2img needs a VAE encoder model (--vae-encoder-model / VAE_ENCODER_MODEL)")
+        init = resize_image(init, resize_mode, *models.image_size)
+        timesteps = img2img_timesteps(denoising_strength, steps)
+    else:
+        timesteps = txt2img_timesteps(steps)
+
+    job = ImageJob(
+        prompt=prompt, negative_prompt=negative_prompt, seed=seed, subseed=0, subseed_strength=0.0,
+        timesteps=list(timesteps), cfg_scale=cfg_scale, init_image=init,
+        max_and_prompts=settings.max_and_prompts,
+    )
+    result = Pipeline(models, ClipTokenizer.from_dir(models.tokenizer_dir)).generate(job)
+
+    encode_start = time.perf_counter()
+    infotext = create_infotext(
+        prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler="LCM",
+        scheduler_label="Automatic", cfg_scale=cfg_scale, seed=seed,
+        width=result.image.width, height=result.image.height,
+        model_hash=models.model_sha256[:10], model_name=models.model_name,
+        denoising_strength=denoising_strength if init is not None else None,
+    )
+    data = encode_image(result.image, "png", infotext, png_compress_level=settings.png_compress_level)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(data)
+    done = time.perf_counter()
+    timings = {
+        "load_models": load_ms,
+        **result.timings_ms,
+        "image_encode": (done - encode_start) * 1000,
+        "total": (done - started) * 1000,
+    }
+    mode = "img2img" if init is not None else "txt2img"
+    return GenerateResult(output, seed, timings, list(result.warnings), mode)
+
+
+def _load_models(settings: Settings, files: tuple[Any, str] | None) -> Any:
+    """LoadedModels; without configured paths the error also suggests --model-dir and --demo."""
+    from pi_axera_sd_service.runtime.model_dir import load_models
+    from pi_axera_sd_service.runtime.session import ModelLoadError
+
+    model_files, backend = files or resolve_files(settings)
+    try:
+        return load_models(model_files, backend, device_id=settings.device_id, cache_dir=settings.cache_dir)
+    except ModelLoadError as exc:
+        if settings.demo or settings.model_paths_configured:
+            raise
+        hint = "(no model paths configured: set --model-dir / MODEL_DIR, or try --demo)"
+        raise ModelLoadError(f"{exc} {hint}", exc.path) from None
+
+
+# --------------------------------------------------------------------------- report
+
+_STAGE_RANK = {"load_models": 0, "text": 1, "vae_encode": 2, "unet_step_": 3, "unet_total": 4,
+               "vae_decode": 5, "image_encode": 6, "total": 8}  # unknown keys: 7, before total
+
+
+def _stage_key(item: tuple[str, float]) -> tuple[int, int]:
+    name = item[0]
+    step = re.fullmatch(r"unet_step_(\d+)", name)
+    if step:
+        return _STAGE_RANK["unet_step_"], int(step.group(1))
+    return _STAGE_RANK.get(name, 7), 0
+
+
+def ordered_timings(timings_ms: dict[str, float]) -> list[tuple[str, float]]:
+    """Stages in the order they run: load, text, VAE encode, UNet steps then their total, decode, encode."""
+    return sorted(timings_ms.items(), key=_stage_key)
+
+
+def print_result(result: GenerateResult) -> None:
+    """Mode, seed, per-stage timings, warnings and the output path, one per line."""
+    print(f"mode: {result.mode}")
+    print(f"seed: {result.seed}")
+    for stage, ms in ordered_timings(result.timings_ms):
+        print(f"  {stage:<14} {ms:9.1f} ms")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    print(f"saved: {result.path}")
+
+
+# --------------------------------------------------------------------------- upstream scripts
+
+
+def add_upstream_arguments(
+    parser: argparse.ArgumentParser, *, prompt: str, save_dir: str, img2img: bool = False
+) -> None:
+    """The flags python/run_txt2img.py and run_img2img.py share with upstream, plus --backend and --demo.
+
+    Upstream defaults (pipeline.md §1.1, §1.4); model files left unset come from `./models`.
+    """
+    parser.add_argument("--prompt", default=prompt)
+    parser.add_argument("--text_model_dir", default="./models/", help="holds tokenizer/ and text_encoder/")
+    parser.add_argument("--unet_model", help="default ./models/unet.axmodel (or .onnx)")
+    if img2img:
+        parser.add_argument("--vae_encoder_model", help="default ./models/vae_encoder.axmodel (or .onnx)")
+    parser.add_argument("--vae_decoder_model", help="default ./models/vae_decoder.axmodel (or .onnx)")
+    parser.add_argument("--time_input", help="default ./models/time_input_txt2img.npy")
+    parser.add_argument("--save_dir", default=save_dir, help=f"output PNG file path (default {save_dir})")
+    parser.add_argument("--backend", choices=("auto", "axengine", "onnxruntime", *UPSTREAM_BACKENDS),
+                        default="auto", help="axe = axengine, onnx = onnxruntime")
+    parser.add_argument("--demo", action="store_true",
+                        help="use the generated CPU demo pack instead of ./models")
+
+
+def upstream_settings(args: argparse.Namespace) -> Settings:
+    """Settings for python/run_*.py: their upstream flags, `./models` for files not given, env for the rest.
+
+    The package needs the 4-row `time_input_txt2img.npy`; an upstream `time_input_img2img.npy` (rows
+    for 499 and 259, then zeros) is replaced by the txt2img file next to it.
+    """
+    time_input = Path(args.time_input) if args.time_input else None
+    if time_input is not None and time_input.name == "time_input_img2img.npy":
+        time_input = time_input.with_name("time_input_txt2img.npy")
+        print(f"note: using {time_input} (all four time rows), not time_input_img2img.npy", file=sys.stderr)
+
+    def path(name: str) -> Path | None:
+        value = getattr(args, name, None)
+        return Path(value) if value else None
+
+    try:
+        return Settings(
+            model_dir=Path("./models"),
+            text_model_dir=path("text_model_dir"),
+            unet_model=path("unet_model"),
+            vae_decoder_model=path("vae_decoder_model"),
+            vae_encoder_model=path("vae_encoder_model"),
+            time_input_txt2img=time_input,
+            backend=UPSTREAM_BACKENDS.get(args.backend, args.backend),
+            demo=bool(args.demo),
+        )
+    except ValidationError as exc:
+        raise settings_error(exc) from None
