@@ -8,7 +8,7 @@ import time
 import pytest
 import webuiapi
 
-from compat_tests.helpers import Background, assert_model_image, is_busy, is_idle, poll_while
+from compat_tests.helpers import Background, assert_model_image, is_busy, is_idle, poll_while, wait_until
 
 pytestmark = pytest.mark.client("webuiapi")
 
@@ -16,6 +16,12 @@ PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 INFO_KEYS = {"prompt", "all_prompts", "negative_prompt", "seed", "all_seeds", "subseed", "all_subseeds",
              "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size", "index_of_first_image",
              "infotexts", "sd_model_name", "sd_model_hash", "job_timestamp"}
+
+
+def result_time(bg: Background) -> float:
+    """When the background call's answer arrived."""
+    assert bg.finished is not None
+    return bg.finished
 
 
 def _client(tgt) -> webuiapi.WebUIApi:
@@ -80,6 +86,10 @@ def test_img2img_with_pil_image(api, init_image):
     assert isinstance(result.info, dict) and result.info["all_seeds"] == [7]
     assert len(result.info["infotexts"]) == 1
     assert not result.parameters.get("init_images"), "parameters echo the init image back"
+    assert result.parameters["denoising_strength"] == 0.5
+    assert result.parameters["prompt"] == "a watercolor harbour"
+    assert result.info["denoising_strength"] == 0.5
+    assert result.image.info.get("parameters") == result.info["infotexts"][0]
 
 
 def test_png_info_round_trip(api):
@@ -98,7 +108,8 @@ def test_options_get_and_set(api):
     models = api.get_sd_models()
     assert options["sd_model_checkpoint"] in [m["title"] for m in models]
     assert "forge_preset" not in options
-    api.set_options({"sd_model_checkpoint": options["sd_model_checkpoint"]})  # .json() must parse
+    # set_options returns .json() of the answer: it must parse, and A1111 answers null
+    assert api.set_options({"sd_model_checkpoint": options["sd_model_checkpoint"]}) is None
     assert api.get_options()["sd_model_checkpoint"] == options["sd_model_checkpoint"]
 
 
@@ -111,9 +122,38 @@ def test_util_model_names_set_and_current(api):
     assert api.util_get_current_model() == names[0]
 
 
+def test_util_current_model_fallback_via_checkpoint_hash(api, monkeypatch):
+    """Without sd_model_checkpoint, util_get_current_model finds the sd-models entry whose sha256 is
+    options['sd_checkpoint_hash']; that needs the real sha256 in both answers."""
+    options = api.get_options()
+    assert options.get("sd_checkpoint_hash"), "options lack sd_checkpoint_hash (webuiapi's fallback)"
+    current = api.util_get_current_model()
+    real_get_options = api.get_options
+
+    def options_without_checkpoint():
+        return {k: v for k, v in real_get_options().items() if k != "sd_model_checkpoint"}
+
+    monkeypatch.setattr(api, "get_options", options_without_checkpoint)
+    assert api.util_get_current_model() == current  # IndexError here if no sha256 matches
+
+
 def test_util_wait_for_ready(api):
     waiter = Background(lambda: api.util_wait_for_ready(check_interval=0.2))
     waiter.get(timeout=30)
+
+
+def test_util_wait_for_ready_waits_for_a_running_job(api, target, long_job):
+    """Called while a generation runs, util_wait_for_ready returns only once /progress is idle again."""
+    poller = _client(target)
+    gen = Background(lambda: api.txt2img(prompt=PROMPT, seed=31, **long_job))
+    if not wait_until(lambda: is_busy(poller.get_progress()), timeout=30, interval=0.005):
+        pytest.skip("the generation ended before it was seen running")
+    waiter = Background(lambda: poller.util_wait_for_ready(check_interval=0.05))
+    waiter.get(timeout=120)
+    assert is_idle(poller.get_progress())
+    result = gen.get()
+    assert waiter.finished >= result_time(gen) - 0.5, "util_wait_for_ready returned while the job still ran"
+    assert len(result.images) == long_job["batch_size"] * long_job["n_iter"]
 
 
 def test_get_progress_from_second_thread(api, target, long_job):
