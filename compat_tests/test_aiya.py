@@ -37,9 +37,21 @@ def test_startup_probe(target, session):
     assert r.status_code == 200, f"cmd-flags -> {r.status_code}: AIYA prints 'API is unreachable'"
     assert isinstance(r.json(), dict)
     assert requests.head(target.base_url, timeout=30).status_code < 500
+    with contextlib.suppress(Exception):  # /sdapi/v1/version detects SD.Next; exceptions are ignored
+        session.get(target.url("/sdapi/v1/version"), timeout=60).json()
     config = session.get(target.url("/config"), timeout=60)
     with contextlib.suppress(KeyError):  # caught by AIYA; a non-JSON body would not be
         config.json()["components"]
+    login = session.post(target.url("/login"), timeout=60)  # authenticate_user(); the result is ignored
+    assert login.status_code < 500, f"POST /login -> {login.status_code}"
+
+
+def test_version_and_config_are_json_404(target, session):
+    """Not A1111 API routes here: FastAPI's JSON 404, which AIYA parses (webui_api.md §4.2)."""
+    for path in ("/sdapi/v1/version", "/config"):
+        r = session.get(target.url(path), timeout=60)
+        assert r.status_code == 404, f"{path} -> {r.status_code}"
+        assert r.json() == {"detail": "Not Found"}
 
 
 def test_startup_detects_api_auth(auth_target):
@@ -116,7 +128,8 @@ def test_generate_img2img_with_png_info(target, session, init_image):
 
 
 def test_progress_polling(target, session, long_job):
-    """update_progress: state.job non-empty while running, current_image present, eta_relative, progress."""
+    """update_progress: state.job non-empty while running, '' twice in a row = done; it reads
+    state.sampling_step, current_image (the key must exist), eta_relative (divided by when != 0), progress."""
     body = dict(load_payload("aiya_txt2img")["body"], **long_job)
     poller = requests.Session()
     poller.auth = session.auth
@@ -125,11 +138,16 @@ def test_progress_polling(target, session, long_job):
         r = poller.get(target.url("/sdapi/v1/progress"), timeout=30)
         assert r.status_code == 200
         p = r.json()
-        if p["current_image"]:  # the key must exist (AIYA indexes it); base64 or null
+        assert "current_image" in p, "AIYA indexes progress['current_image']"
+        if p["current_image"]:  # base64 or null
             Image.open(io.BytesIO(base64.b64decode(p["current_image"]))).load()
-        assert p["eta_relative"] >= 0, f"negative ETA: {p['eta_relative']}"
+        eta = p["eta_relative"]
+        assert isinstance(eta, (int, float)) and eta >= 0, f"eta_relative {eta!r}"
+        if eta != 0:
+            float(p["progress"]) / eta  # AIYA divides by it
         assert 0 <= float(p["progress"]) * 100 <= 100
-        p["state"]["sampling_step"]
+        assert isinstance(p["state"]["sampling_step"], int)
+        assert isinstance(p["state"]["job"], str)
         return p
 
     gen = Background(lambda: _dream(target, session, body))
@@ -137,9 +155,15 @@ def test_progress_polling(target, session, long_job):
     assert len(gen.get()["images"]) == long_job["batch_size"] * long_job["n_iter"]
     running = [p for alive, p in seen if alive]
     assert running, "no /progress answer while the generation ran"
-    assert any(p["state"]["job"] != "" for p in running), "state.job stayed '' while generating"
-    assert wait_until(lambda: poll()["state"]["job"] == "" and poll()["state"]["job"] == "", timeout=10), \
-        "state.job did not return to '' (twice in a row) after the generation"
+    jobs = [p["state"]["job"] for p in running]
+    assert any(jobs), "state.job stayed '' while generating"
+    first = next(i for i, j in enumerate(jobs) if j)
+    last = max(i for i, j in enumerate(jobs) if j)
+    # AIYA stops previewing at the first '' twice in a row: never between the first and last busy answer
+    gaps = [i for i in range(first, last) if jobs[i] == "" and jobs[i + 1] == ""]
+    assert not gaps, f"state.job '' twice in a row mid-job (AIYA would stop early): {jobs}"
+    assert poll()["state"]["job"] == "" and poll()["state"]["job"] == "", \
+        "state.job did not return to '' (twice in a row) after the answer came back"
 
 
 def test_buttons_interrupt_and_skip_while_idle(target, session):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -44,9 +45,16 @@ def _layers(response):
 
 
 def test_settings_load(target):
+    """options -> sd_model_checkpoint, sd-models -> title, controlnet/model_list (a failure gives {})."""
     options = _call(target, "/sdapi/v1/options")
     titles = [m["title"] for m in _call(target, "/sdapi/v1/sd-models")]
     assert options["sd_model_checkpoint"] in titles
+    try:
+        controlnet = _call(target, "/controlnet/model_list")
+    except urllib.error.HTTPError as err:  # the plugin's request helper returns None -> {}
+        assert err.code == 404, f"/controlnet/model_list? -> {err.code}"
+        controlnet = None
+    assert (controlnet or {}).get("model_list", []) == []
 
 
 def test_txt2img_layers(target):
@@ -65,8 +73,17 @@ def test_img2img_raw_base64(target, init_image):
     body = inject_images(load_payload("gimp_img2img")["body"], init_image)
     assert not body["init_images"][0].startswith("data:")
     layers = _layers(_call(target, "/sdapi/v1/img2img", body))
-    assert len(layers) == 1 and layers[0][0] == "image"
-    assert layers[0][3].size == MODEL_SIZE
+    assert [k for k, *_ in layers] == ["image"] * body["batch_size"], "extra images become annotator layers"
+    _, seed, infotext, img = layers[0]
+    assert img.size == MODEL_SIZE and seed >= 0 and f"Seed: {seed}" in infotext
+    assert "Denoising strength: 0.6" in infotext
+
+
+def test_img2img_batch_cycles_one_init_image(target, init_image):
+    """batch_size 2 with one init image: two image layers, seeds seed and seed+1, no annotator layers."""
+    body = dict(inject_images(load_payload("gimp_img2img")["body"], init_image), batch_size=2, seed=1000)
+    layers = _layers(_call(target, "/sdapi/v1/img2img", body))
+    assert [(k, s) for k, s, *_ in layers] == [("image", 1000), ("image", 1001)]
 
 
 def test_model_change(target, model_title):

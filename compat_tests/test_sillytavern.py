@@ -53,9 +53,19 @@ def test_upscalers_with_latent_modes(target):
     assert up.ok and latent.ok, (up.status_code, latent.status_code)
     names = [x["name"] for x in up.json()]
     latent_names = [x["name"] for x in latent.json()]
-    assert names and names[0] == "None"
-    names[1:1] = latent_names
-    assert names[0] == "None"
+    assert names and names[0] == "None", f"upscalers[0] must be 'None' (the UI's '0 = None'): {names}"
+    offered = [names[0], *latent_names, *names[1:]]  # upscalers.splice(1, 0, ...latentUpscalers)
+    assert all(isinstance(n, str) and n for n in offered), offered
+    assert offered.count("None") == 1, f"'None' offered twice: {offered}"
+
+
+def test_vaes_newer_all_settled(target):
+    """Newer /vaes: Promise.allSettled of sd-vae and Forge's sd-modules; the first fulfilled array is used."""
+    with ThreadPoolExecutor(2) as pool:
+        vae, modules = pool.map(lambda p: _get(target, p), ["/sdapi/v1/sd-vae", "/sdapi/v1/sd-modules"])
+    assert vae.ok, f"sd-vae -> {vae.status_code}"
+    assert isinstance(vae.json(), list) and all("model_name" in x for x in vae.json())
+    assert not modules.ok or isinstance(modules.json(), list)
 
 
 def test_get_and_set_model_then_wait_idle(target):
