@@ -20,6 +20,8 @@ JSON_HEADERS = {"Accept": "application/json"}
 def test_img2img_sampler_index_data_uri(target, init_image):
     """The render is saved as an RGBA PNG and sent as a data: URI; images[0] is decoded."""
     body = inject_images(load_payload("blender_ai_render_img2img")["body"], init_image.convert("RGBA"))
+    assert body["denoising_strength"] == round(1 - body["image_similarity"], 2)  # map_params
+    assert body["init_images"][0].startswith("data:image/png;base64,") and "sampler_name" not in body
     r = requests.post(target.url("/sdapi/v1/img2img"), json=body, headers=HEADERS, auth=target.auth,
                       timeout=120)
     assert r.status_code == 200, f"img2img -> {r.status_code}: {r.text[:300]}"
