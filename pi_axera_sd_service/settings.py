@@ -40,13 +40,13 @@ class Settings(BaseSettings):
     backend: Literal["auto", "axengine", "onnxruntime"] = Field(
         "auto", description="auto: axengine when importable and .axmodel files exist, else onnxruntime"
     )
-    device_id: int = Field(0, description="NPU device index (AXCL card)")
+    device_id: int = Field(0, ge=0, description="NPU device index (AXCL card)")
     demo: bool = Field(False, description="Serve the generated demo model pack on the CPU")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="Demo pack and model-hash cache")
 
     # --- network ---
     host: str = Field("127.0.0.1", description="Bind address")
-    port: int = Field(5000, description="Bind port")
+    port: int = Field(5000, ge=1, le=65535, description="Bind port")
     api_auth: str | None = Field(
         None, description="user:pass[,user2:pass2] enables HTTP Basic on every route"
     )

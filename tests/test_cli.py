@@ -310,13 +310,14 @@ def test_generate_and_the_service_make_the_same_image(cache_dir: Path, tmp_path:
         assert np.array_equal(np.asarray(served), np.asarray(mine))
 
 
-def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
-    env = {**os.environ, "PORT": "abc"}
-    proc = subprocess.run([sys.executable, "-m", "pi_axera_sd_service", "serve"], capture_output=True,
-                          text=True, env=env, timeout=60, cwd=tmp_path)
+@pytest.mark.parametrize("value", ["abc", "70000", "-1"])
+def test_bad_environment_value_names_the_variable(tmp_path: Path, value: str) -> None:
+    env = {**os.environ, "PORT": value}
+    proc = subprocess.run([sys.executable, "-m", "pi_axera_sd_service", "serve", "--demo"],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
     assert_clean_error(proc)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "PORT" in proc.stderr and "--port" in proc.stderr and "abc" in proc.stderr
+    assert "PORT / --port" in proc.stderr and value in proc.stderr
 
 
 def test_undecodable_init_image_names_the_file(cache_dir: Path, tmp_path: Path) -> None:
