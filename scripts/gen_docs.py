@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
+import itertools
 import json
 import re
 import sys
@@ -115,29 +116,26 @@ def configuration_md() -> str:
         "Relative paths are relative to the working directory (the service's `WorkingDirectory`).",
         "",
     ]
-    current = None
-    for flag in settings_flags():
-        section = sections.get(flag.field, "other")
-        if section != current:
-            current = section
-            out += [f"## {section[:1].upper()}{section[1:]}", ""]
-            out += [
-                "| setting | environment | flag | type | default | description |",
-                "|---|---|---|---|---|---|",
-            ]
-        field = Settings.model_fields[flag.field]
-        kind = _type_name(field.annotation)
-        limits = _constraints(field)
-        if limits:
-            kind += f" ({limits})"
-        options = " ".join(f"`{o}`" for o in flags.get(flag.field, [])) or "—"
-        out.append(
-            f"| `{flag.field}` | `{flag.env}` | {options} | {kind} "
-            f"| {_cell(_default(flag.field, flag.default))} "
-            f"| {_cell(flag.description)} |"
-        )
-        if _next_section_differs(flag.field, sections):
-            out.append("")
+    for section, group in itertools.groupby(settings_flags(), key=lambda f: sections.get(f.field, "other")):
+        out += [
+            f"## {section[:1].upper()}{section[1:]}",
+            "",
+            "| setting | environment | flag | type | default | description |",
+            "|---|---|---|---|---|---|",
+        ]
+        for flag in group:
+            field = Settings.model_fields[flag.field]
+            kind = _type_name(field.annotation)
+            limits = _constraints(field)
+            if limits:
+                kind += f" ({limits})"
+            options = " ".join(f"`{o}`" for o in flags.get(flag.field, [])) or "—"
+            out.append(
+                f"| `{flag.field}` | `{flag.env}` | {options} | {kind} "
+                f"| {_cell(_default(flag.field, flag.default))} "
+                f"| {_cell(flag.description)} |"
+            )
+        out.append("")
     missing = [f.field for f in settings_flags() if f.field not in flags]
     if missing:
         out += [
@@ -146,12 +144,6 @@ def configuration_md() -> str:
             "",
         ]
     return "\n".join(out).rstrip() + "\n"
-
-
-def _next_section_differs(name: str, sections: dict[str, str]) -> bool:
-    names = list(Settings.model_fields)
-    i = names.index(name)
-    return i + 1 == len(names) or sections.get(names[i + 1], "other") != sections.get(name, "other")
 
 
 def _capability_table(cache_dir: Path) -> Any:
@@ -228,129 +220,62 @@ PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 IMAGE = "@IMAGE@"  # replaced by the base64 of a PNG the first example produced
 
 
+def _get(name: str, path: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "method": "GET", "path": path, **extra}
+
+
+def _post(name: str, path: str, body: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "method": "POST", "path": path, **({} if body is None else {"body": body}), **extra}
+
+
 def _examples() -> list[dict[str, Any]]:
     """The requests shown in docs/api.md and RASPBERRY_PI_SETUP.md, in order (`shown: False`: run only).
 
     tests/test_docs.py checks that docs/api.md shows each command and the status it returns now.
     """
+    txt2img = {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 42, "steps": 4, "cfg_scale": 1.5,
+               "width": 512, "height": 512, "batch_size": 2, "sampler_name": "Euler a"}
+    img2img = {"prompt": PROMPT + ", winter", "init_images": [IMAGE], "denoising_strength": 0.5, "seed": 7}
     return [
-        {"name": "health", "method": "GET", "path": "/health"},
-        {
-            "name": "generate_txt2img",
-            "method": "POST",
-            "path": "/generate",
-            "body": {"mode": "txt2img", "prompt": PROMPT, "seed": 42},
-        },
-        {
-            "name": "generate_img2img",
-            "method": "POST",
-            "path": "/generate",
-            "body": {
-                "mode": "img2img",
-                "prompt": PROMPT + ", winter",
-                "init_image": IMAGE,
-                "denoising_strength": 0.5,
-                "seed": 7,
-            },
-        },
-        {"name": "generate_error", "method": "POST", "path": "/generate", "body": {"mode": "txt2img"}},
-        {
-            "name": "txt2img",
-            "method": "POST",
-            "path": "/sdapi/v1/txt2img",
-            "body": {
-                "prompt": PROMPT,
-                "negative_prompt": "blurry",
-                "seed": 42,
-                "steps": 4,
-                "cfg_scale": 1.5,
-                "width": 512,
-                "height": 512,
-                "batch_size": 2,
-                "sampler_name": "Euler a",
-            },
-        },
-        {
-            "name": "img2img",
-            "method": "POST",
-            "path": "/sdapi/v1/img2img",
-            "body": {
-                "prompt": PROMPT + ", winter",
-                "init_images": [IMAGE],
-                "denoising_strength": 0.5,
-                "seed": 7,
-            },
-        },
-        {"name": "img2img_no_image", "method": "POST", "path": "/sdapi/v1/img2img", "body": {"prompt": "x"}},
-        {
-            "name": "txt2img_mask",
-            "method": "POST",
-            "path": "/sdapi/v1/img2img",
-            "body": {"prompt": "x", "init_images": [IMAGE], "mask": IMAGE},
-        },
-        {"name": "progress", "method": "GET", "path": "/sdapi/v1/progress"},
-        {"name": "interrupt", "method": "POST", "path": "/sdapi/v1/interrupt"},
-        {"name": "skip", "method": "POST", "path": "/sdapi/v1/skip"},
-        {
-            "name": "internal_progress",
-            "method": "POST",
-            "path": "/internal/progress",
-            "body": {"id_task": "task(my-job-1)"},
-        },
-        {"name": "pending_tasks", "method": "GET", "path": "/internal/pending-tasks"},
-        {"name": "ping", "method": "GET", "path": "/internal/ping"},
-        {"name": "options_get", "method": "GET", "path": "/sdapi/v1/options"},
-        {
-            "name": "options_post",
-            "method": "POST",
-            "path": "/sdapi/v1/options",
-            "body": {"samples_format": "jpeg"},
-        },
-        {
-            "name": "options_bad_model",
-            "method": "POST",
-            "path": "/sdapi/v1/options",
-            "body": {"sd_model_checkpoint": "dreamshaper_8"},
-        },
-        {
-            "name": "options_reset",
-            "shown": False,  # run to restore the option; docs/api.md does not show it
-            "method": "POST",
-            "path": "/sdapi/v1/options",
-            "body": {"samples_format": "png"},
-        },
-        {"name": "sd_models", "method": "GET", "path": "/sdapi/v1/sd-models"},
-        {"name": "samplers", "method": "GET", "path": "/sdapi/v1/samplers"},
-        {"name": "schedulers", "method": "GET", "path": "/sdapi/v1/schedulers"},
-        {"name": "upscalers", "method": "GET", "path": "/sdapi/v1/upscalers"},
-        {
-            "name": "latent_upscale_modes",
-            "shown": False,  # docs/api.md shows /loras for this group of empty lists
-            "method": "GET",
-            "path": "/sdapi/v1/latent-upscale-modes",
-        },
-        {"name": "embeddings", "method": "GET", "path": "/sdapi/v1/embeddings"},
-        {"name": "scripts", "method": "GET", "path": "/sdapi/v1/scripts"},
-        {"name": "loras", "method": "GET", "path": "/sdapi/v1/loras"},
-        {"name": "memory", "method": "GET", "path": "/sdapi/v1/memory"},
-        {"name": "cmd_flags", "method": "GET", "path": "/sdapi/v1/cmd-flags"},
-        {"name": "refresh_checkpoints", "method": "POST", "path": "/sdapi/v1/refresh-checkpoints"},
-        {"name": "png_info", "method": "POST", "path": "/sdapi/v1/png-info", "body": {"image": IMAGE}},
-        {
-            "name": "interrogate",
-            "method": "POST",
-            "path": "/sdapi/v1/interrogate",
-            "body": {"image": IMAGE, "model": "clip"},
-        },
-        {
-            "name": "interrogate_structured",
-            "method": "POST",
-            "path": "/sdapi/v1/interrogate/structured",
-            "body": {"image": IMAGE, "categories": {"animal": ["fox", "cat"]}},
-        },
-        {"name": "capabilities", "method": "GET", "path": "/capabilities"},
-        {"name": "metrics", "method": "GET", "path": "/metrics"},
-        {"name": "not_found", "method": "GET", "path": "/sdapi/v1/nope"},
+        _get("health", "/health"),
+        _post("generate_txt2img", "/generate", {"mode": "txt2img", "prompt": PROMPT, "seed": 42}),
+        _post("generate_img2img", "/generate", {"mode": "img2img", "prompt": PROMPT + ", winter",
+                                                "init_image": IMAGE, "denoising_strength": 0.5, "seed": 7}),
+        _post("generate_error", "/generate", {"mode": "txt2img"}),
+        _post("txt2img", "/sdapi/v1/txt2img", txt2img),
+        _post("img2img", "/sdapi/v1/img2img", img2img),
+        _post("img2img_no_image", "/sdapi/v1/img2img", {"prompt": "x"}),
+        _post("txt2img_mask", "/sdapi/v1/img2img", {"prompt": "x", "init_images": [IMAGE], "mask": IMAGE}),
+        _get("progress", "/sdapi/v1/progress"),
+        _post("interrupt", "/sdapi/v1/interrupt"),
+        _post("skip", "/sdapi/v1/skip"),
+        _post("internal_progress", "/internal/progress", {"id_task": "task(my-job-1)"}),
+        _get("pending_tasks", "/internal/pending-tasks"),
+        _get("ping", "/internal/ping"),
+        _get("options_get", "/sdapi/v1/options"),
+        _post("options_post", "/sdapi/v1/options", {"samples_format": "jpeg"}),
+        _post("options_bad_model", "/sdapi/v1/options", {"sd_model_checkpoint": "dreamshaper_8"}),
+        # run to restore the option; docs/api.md does not show it
+        _post("options_reset", "/sdapi/v1/options", {"samples_format": "png"}, shown=False),
+        _get("sd_models", "/sdapi/v1/sd-models"),
+        _get("samplers", "/sdapi/v1/samplers"),
+        _get("schedulers", "/sdapi/v1/schedulers"),
+        _get("upscalers", "/sdapi/v1/upscalers"),
+        # docs/api.md shows /loras for this group of empty lists
+        _get("latent_upscale_modes", "/sdapi/v1/latent-upscale-modes", shown=False),
+        _get("embeddings", "/sdapi/v1/embeddings"),
+        _get("scripts", "/sdapi/v1/scripts"),
+        _get("loras", "/sdapi/v1/loras"),
+        _get("memory", "/sdapi/v1/memory"),
+        _get("cmd_flags", "/sdapi/v1/cmd-flags"),
+        _post("refresh_checkpoints", "/sdapi/v1/refresh-checkpoints"),
+        _post("png_info", "/sdapi/v1/png-info", {"image": IMAGE}),
+        _post("interrogate", "/sdapi/v1/interrogate", {"image": IMAGE, "model": "clip"}),
+        _post("interrogate_structured", "/sdapi/v1/interrogate/structured",
+              {"image": IMAGE, "categories": {"animal": ["fox", "cat"]}}),
+        _get("capabilities", "/capabilities"),
+        _get("metrics", "/metrics"),
+        _get("not_found", "/sdapi/v1/nope"),
     ]
 
 
