@@ -24,6 +24,7 @@ DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 GRACE_AFTER_SHUTDOWN_S = 10  # api/server.py lets uvicorn wait shutdown_timeout + 10 s for an interrupted job
 STOP_MARGIN_S = 10  # then the engine and the process still have to exit
 _TOKEN = re.compile(r"\{\{([a-z_]+)\}\}")
+PROG = "pi-axera-sd install-service"
 
 
 def stop_timeout(shutdown_timeout: float) -> int:
@@ -139,9 +140,20 @@ def _default_user() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, as Settings.port accepts it."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 1..65535, got {text!r}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pi-axera-sd install-service",
+        prog=PROG,
         description=f"Render the systemd unit {SERVICE_NAME}.service for this venv, user and checkout.",
     )
     p.add_argument("--user", default=None, help="account the service runs as (default: $SUDO_USER or you)")
@@ -160,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="HOST (0.0.0.0 to serve the network; set API_AUTH then)"
     )
-    p.add_argument("--port", type=int, default=5000, help="PORT")
+    p.add_argument("--port", type=_port, default=5000, help="PORT (1..65535)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="SHUTDOWN_TIMEOUT in seconds")
     p.add_argument("--output", type=Path, default=None, help="write the unit here instead of stdout")
     p.add_argument("--print-env", action="store_true", help="print the EnvironmentFile instead of the unit")
@@ -178,14 +190,14 @@ def _parser() -> argparse.ArgumentParser:
 def _install(args: argparse.Namespace, unit: str, env: str, output_dir: Path, state_dir: Path) -> int:
     if os.geteuid() != 0:
         print(
-            "error: --install needs root; run it with sudo (or use --output and copy the file)",
+            f"{PROG}: error: --install needs root; run it with sudo (or use --output and copy the file)",
             file=sys.stderr,
         )
         return 2
     try:
         account = pwd.getpwnam(args.user)
     except KeyError:
-        print(f"error: user {args.user!r} does not exist", file=sys.stderr)
+        print(f"{PROG}: error: user {args.user!r} does not exist", file=sys.stderr)
         return 2
     for folder in (output_dir, state_dir, state_dir / "cache"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -209,7 +221,8 @@ def _install(args: argparse.Namespace, unit: str, env: str, output_dir: Path, st
         result = subprocess.run([systemctl, "daemon-reload"], check=False) if systemctl else None
         if result is None or result.returncode != 0:
             print(
-                "error: `systemctl daemon-reload` failed; run it yourself once systemd is up", file=sys.stderr
+                f"{PROG}: error: `systemctl daemon-reload` failed; run it yourself once systemd is up",
+                file=sys.stderr,
             )
             return 1
     print(f"next: sudo systemctl enable --now {SERVICE_NAME} && journalctl -u {SERVICE_NAME} -f")
@@ -226,15 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = (args.model_dir or workdir / "models").absolute()
     launcher = args.venv / "bin" / "pi-axera-sd"
     if not launcher.exists():
-        print(f"warning: {launcher} does not exist; is --venv the venv you installed into?", file=sys.stderr)
+        print(f"{PROG}: warning: {launcher} does not exist; is --venv the venv you installed into?",
+              file=sys.stderr)
     if args.user == "root":
-        print("warning: the service would run as root; pass --user <your login>", file=sys.stderr)
+        print(f"{PROG}: warning: the service would run as root; pass --user <your login>", file=sys.stderr)
     try:
         unit = render_unit(
             args.venv, args.user, workdir, args.env_file, output_dir, state_dir, args.shutdown_timeout
         )
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     env = render_env_file(model_dir, output_dir, state_dir, args.host, args.port, args.shutdown_timeout)
     if args.install:

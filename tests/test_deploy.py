@@ -243,3 +243,13 @@ def test_cli_install_refuses_unknown_user(layout, tmp_path):
     ]
     assert deploy.main(argv) == 2
     assert not (tmp_path / "pi_axera_sd_generator.service").exists()
+
+
+def test_bad_arguments_are_one_line_naming_the_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        deploy.main(["--port", "70000", "--workdir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--port: must be a port number 1..65535, got '70000'" in capsys.readouterr().err
+    assert deploy.main(["--user", "bad user", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "pi-axera-sd install-service: error: user name 'bad user' is not a valid account name"
