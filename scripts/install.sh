@@ -15,9 +15,16 @@ VENV="$ROOT/.venv"
 EXTRAS="${EXTRAS:-onnx,dev}"
 STAMP="$VENV/.pi_axera_sd_install_stamp"
 FORCE=0
-[[ "${1:-}" == "--force" ]] && FORCE=1
 
 say() { printf 'install.sh: %s\n' "$*" >&2; }
+
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        -h | --help) sed -n '2,9s/^# \{0,1\}//p' "$ROOT/scripts/install.sh"; exit 0 ;;
+        *) say "unknown argument: $arg (usage: scripts/install.sh [--force])"; exit 2 ;;
+    esac
+done
 
 pick_python() {
     local candidate
