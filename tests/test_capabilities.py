@@ -188,7 +188,9 @@ def test_seeds_follow_a1111() -> None:
     assert varied.all_seeds == [100, 100, 100]
     for empty in (-1, None, ""):
         drawn = table.apply(req(seed=empty, batch_size=2))
-        assert 0 <= drawn.seed < 2**32 and drawn.all_seeds[1] == (drawn.seed + 1) % 2**32
+        assert 0 <= drawn.seed < 2**32 and drawn.all_seeds[1] == drawn.seed + 1
+    top = table.apply(req(seed=2**32 - 1, n_iter=2))  # A1111 adds i without wrapping
+    assert top.all_seeds == [4294967295, 4294967296]
     jobs = fixed.image_jobs()
     assert [j.seed for j in jobs] == [100, 101, 102, 103] and all(
         j.timesteps == fixed.timesteps for j in jobs
@@ -360,3 +362,10 @@ def test_override_settings_are_checked_like_posted_options(override: dict, needl
 def test_override_samples_format_jpg_is_jpeg() -> None:
     ran = make_table().apply(req(override_settings={"samples_format": "JPG"}), {})
     assert ran.samples_format == "jpeg" and ran.warnings == []
+
+
+def test_no_style_names_are_not_warned_about() -> None:
+    """AIYA sends styles ["None"] when no style is chosen; A1111 ignores it silently, so do we."""
+    assert make_table().apply(req(unsupported={"styles": ["None", ""]})).warnings == []
+    mixed = make_table().apply(req(unsupported={"styles": ["None", "cinematic"]}))
+    assert mixed.warnings == ["styles ['cinematic'] are not supported (none installed); ignored"]

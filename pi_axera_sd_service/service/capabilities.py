@@ -35,6 +35,7 @@ A1111_SCHEDULERS = (
 MIN_DENOISING_STRENGTH = 0.01
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill (edges stretched)"}
 MAX_STEPS = 4
+NO_STYLE_NAMES = {"", "none"}  # what clients send for "no style" (AIYA: "None")
 
 
 @dataclass(frozen=True)
@@ -306,8 +307,9 @@ class CapabilityTable:
                            ("tiling", "tiling")):
             if sent.get(flag):
                 warnings.append(f"{flag}: {what} is not supported; ignored")
-        if sent.get("styles"):
-            warnings.append(f"styles {list(sent['styles'])} are not supported (none installed); ignored")
+        styles = [s for s in sent.get("styles") or [] if str(s).strip().lower() not in NO_STYLE_NAMES]
+        if styles:  # AIYA sends ["None"] for "no style"; A1111 maps unknown names to no style too
+            warnings.append(f"styles {styles} are not supported (none installed); ignored")
         clip_skip = sent.get("clip_skip")
         if isinstance(clip_skip, (int, float)) and clip_skip > 1:
             warnings.append(f"clip_skip {clip_skip:g} is not supported; ran 1")

@@ -112,8 +112,8 @@ class GenerationRequest:
         self.seed = fixed_seed(parse_seed(self.seed, "seed"))
         self.subseed = fixed_seed(parse_seed(self.subseed, "subseed"))
         variation = self.subseed_strength != 0
-        self.all_seeds = [self.seed if variation else (self.seed + i) % SEED_RANGE for i in range(count)]
-        self.all_subseeds = [(self.subseed + i) % SEED_RANGE for i in range(count)]
+        self.all_seeds = [self.seed if variation else self.seed + i for i in range(count)]
+        self.all_subseeds = [self.subseed + i for i in range(count)]
 
     def resolved_timesteps(self) -> list[int]:
         """Timesteps chosen by the capability table (computed here if apply() was skipped)."""
@@ -166,8 +166,8 @@ def parse_seed(value: Any, field_name: str = "seed") -> int:
 
 
 def fixed_seed(seed: int) -> int:
-    """A negative seed draws a random one in [0, 2^32); others are taken modulo 2^32."""
-    return secrets.randbelow(SEED_RANGE) if seed < 0 else seed % SEED_RANGE
+    """A negative seed draws a random one in [0, 2^32); others are used as sent (A1111: seed+i, no wrap)."""
+    return secrets.randbelow(SEED_RANGE) if seed < 0 else seed
 
 
 def decode_init_images(values: Iterable[Any], field_name: str, max_pixels: int) -> list[Image.Image]:
