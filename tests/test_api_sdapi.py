@@ -101,32 +101,15 @@ def test_txt2img_echoes_seed_as_sent_and_reports_what_ran(app_client) -> None:
 @pytest.mark.parametrize("prefix", ["", "data:image/png;base64,"])
 def test_img2img_raw_and_data_uri(app_client, prefix: str) -> None:
     init = prefix + png_b64()
-    resp = app_client.post(
-        "/sdapi/v1/img2img",
-        json={
-            "prompt": "p",
-            "init_images": [init],
-            "seed": 3,
-            "denoising_strength": 0.5,
-            "sampler_index": "LCM",
-        },
-    )
+    body_sent = {"prompt": "p", "init_images": [init], "seed": 3, "denoising_strength": 0.5}
+    resp = app_client.post("/sdapi/v1/img2img", json={**body_sent, "sampler_index": "LCM"})
     assert resp.status_code == 200, resp.text
     body = resp.json()
     info = json.loads(body["info"])
     assert info["denoising_strength"] == 0.5 and "Denoising strength: 0.5" in info["infotexts"][0]
     assert decode(body["images"][0]).size == (512, 512)
     assert body["parameters"]["init_images"] is None
-    again = app_client.post(
-        "/sdapi/v1/img2img",
-        json={
-            "prompt": "p",
-            "init_images": [init],
-            "seed": 3,
-            "denoising_strength": 0.5,
-            "include_init_images": True,
-        },
-    )
+    again = app_client.post("/sdapi/v1/img2img", json={**body_sent, "include_init_images": True})
     assert np.array_equal(pixels(again.json()["images"][0]), pixels(body["images"][0]))
     assert again.json()["parameters"]["init_images"] == [init]
 

@@ -163,20 +163,15 @@ def test_env_file_rejects_unknown_settings():
         deploy.render_env_file(extra={"nope": 1})
 
 
+def _install_argv(layout, user: str, env_file) -> list[str]:
+    """install-service arguments for the test layout's venv and checkout."""
+    return ["--venv", str(layout["venv"]), "--workdir", str(layout["workdir"]), "--user", user,
+            "--env-file", str(env_file)]
+
+
 def test_cli_writes_unit_and_env(layout, tmp_path, capsys):
     out = tmp_path / "unit.service"
-    argv = [
-        "--venv",
-        str(layout["venv"]),
-        "--workdir",
-        str(layout["workdir"]),
-        "--user",
-        "pi",
-        "--env-file",
-        str(layout["env_file"]),
-        "--shutdown-timeout",
-        "60",
-    ]
+    argv = [*_install_argv(layout, "pi", layout["env_file"]), "--shutdown-timeout", "60"]
     assert deploy.main([*argv, "--output", str(out)]) == 0
     expected = deploy.render_unit(
         layout["venv"],
@@ -201,20 +196,8 @@ def test_cli_install_writes_files_and_keeps_existing_settings(layout, tmp_path):
         pytest.skip("--install needs root")
     unit_dir = tmp_path / "systemd"
     env_file = tmp_path / "etc" / "pi_axera_sd_generator"
-    argv = [
-        "--venv",
-        str(layout["venv"]),
-        "--workdir",
-        str(layout["workdir"]),
-        "--user",
-        "root",
-        "--env-file",
-        str(env_file),
-        "--install",
-        "--unit-dir",
-        str(unit_dir),
-        "--no-daemon-reload",
-    ]
+    argv = [*_install_argv(layout, "root", env_file), "--install", "--unit-dir", str(unit_dir),
+            "--no-daemon-reload"]
     assert deploy.main(argv) == 0
     unit = (unit_dir / "pi_axera_sd_generator.service").read_text()
     assert f"EnvironmentFile={env_file}" in unit
