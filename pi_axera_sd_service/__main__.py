@@ -2,6 +2,6 @@
 
 import sys
 
-from pi_axera_sd_service.pi_axera_sd_generator import main
+from pi_axera_sd_service.cli import main
 
 sys.exit(main())

@@ -13,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pi_axera_sd_service.cli import run_reporting_errors  # noqa: E402
 from pi_axera_sd_service.oneshot import (  # noqa: E402
     add_upstream_arguments,
     generate_image,
     print_result,
     upstream_settings,
 )
-from pi_axera_sd_service.pi_axera_sd_generator import run_reporting_errors  # noqa: E402
 
 DEFAULT_PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
 

@@ -85,7 +85,7 @@ def _sections() -> dict[str, str]:
 
 def _serve_flags() -> dict[str, list[str]]:
     """Setting name -> the option strings `pi-axera-sd serve` really accepts."""
-    from pi_axera_sd_service.pi_axera_sd_generator import build_parser
+    from pi_axera_sd_service.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

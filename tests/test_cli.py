@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pi_axera_sd_service.pi_axera_sd_generator import build_parser, settings_from_args, with_demo_fallback
+from pi_axera_sd_service.cli import build_parser, settings_from_args, with_demo_fallback
 from pi_axera_sd_service.runtime.demo_pack import demo_pack_dir
 from pi_axera_sd_service.settings import Settings, settings_flags
 

@@ -1,0 +1,279 @@
+"""Command line: serve | generate | check-models | make-demo-models | install-service.
+
+Runs as the console script `pi-axera-sd` and as `python -m pi_axera_sd_service`;
+`pi_axera_sd_generator.py` is the thin entry the upstream systemd unit runs as a file (no subcommand
+means `serve`). User errors print one line to stderr and exit 1; argparse usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import socket
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from pi_axera_sd_service.oneshot import (
+    CliError,
+    generate_image,
+    print_result,
+    resolve_files,
+    settings_error,
+)
+from pi_axera_sd_service.settings import (
+    MODEL_PATH_FIELDS,
+    Settings,
+    settings_flags,
+    settings_from_cli,
+)
+
+PROG = "pi-axera-sd"
+SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install-service")
+RUNTIME_FIELDS = (*MODEL_PATH_FIELDS, "backend", "device_id", "demo", "cache_dir", "log_level")
+log = logging.getLogger("pi_axera_sd_service.cli")
+
+
+# --------------------------------------------------------------------------- settings flags
+
+
+def _argparse_kwargs(annotation: Any) -> dict[str, Any]:
+    """argparse keyword arguments for one Settings field type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _argparse_kwargs(members[0]) if len(members) == 1 else {"type": str}
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        return {"choices": list(choices), "type": type(choices[0])}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float, str, Path):
+        return {"type": annotation}
+    return {"type": str}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, fields: Iterable[str] | None = None) -> None:
+    """Add `--field-name` for each Settings field (all by default); unset flags stay None (env wins)."""
+    wanted = set(fields) if fields is not None else None
+    for item in settings_flags():
+        if wanted is not None and item.field not in wanted:
+            continue
+        kwargs = _argparse_kwargs(Settings.model_fields[item.field].annotation)
+        help_text = f"{item.description} [env {item.env}; default {item.default}]".replace("%", "%%")
+        if kwargs.get("action") is None and "choices" not in kwargs:
+            kwargs["metavar"] = item.env
+        parser.add_argument(item.flag, dest=item.field, default=None, help=help_text, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment with the flags that were given on top."""
+    given = {f.field: getattr(args, f.field) for f in settings_flags() if hasattr(args, f.field)}
+    try:
+        return settings_from_cli(given)
+    except ValidationError as exc:
+        raise settings_error(exc) from None
+
+
+# --------------------------------------------------------------------------- models
+
+
+def with_demo_fallback(settings: Settings) -> Settings:
+    """Serve the demo pack when no model path is configured and ./models holds no model files.
+
+    A folder holding some but not all files, or models the backend cannot open, is not replaced:
+    loading then fails naming what is wrong.
+    """
+    from pi_axera_sd_service.runtime.session import ModelLoadError
+
+    if settings.demo or settings.model_paths_configured:
+        return settings
+    try:
+        files, _ = resolve_files(settings)
+    except ModelLoadError:
+        return settings  # e.g. .axmodel files without axengine: let the load report it
+    if any(Path(p).is_file() for p in (files.text_encoder, files.unet, files.vae_decoder)):
+        return settings
+    reason = f"no model files in {Path(files.unet).parent.resolve()}"
+    log.warning(
+        "%s and no model paths configured: serving the demo pack on the CPU "
+        "(set MODEL_DIR or --model-dir to serve real models)",
+        reason,
+    )
+    return settings.model_copy(update={"demo": True})
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the HTTP service (demo pack when nothing is configured and ./models is empty)."""
+    from pi_axera_sd_service.api.server import configure_logging, run_server
+
+    settings = settings_from_args(args)
+    check_port_free(settings.host, settings.port)  # before a model load that takes ~15 s on the device
+    configure_logging(settings)  # the server's format (LOG_JSON, LOG_LEVEL) for the fallback line too
+    return int(run_server(with_demo_fallback(settings)) or 0)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """CliError when HOST:PORT cannot be bound (in use, no permission, unknown host).
+
+    Binds as uvicorn does (SO_REUSEADDR) and closes again; uvicorn still reports a later race.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CliError(f"cannot listen on {host}:{port}: unknown host ({exc}); check HOST / --host") from None
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        reason = "address already in use (another instance or the upstream service?)" if (
+            exc.errno == errno.EADDRINUSE) else (exc.strerror or str(exc))
+        raise CliError(f"cannot listen on {host}:{port}: {reason}; stop it or set PORT / --port") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One-shot generation to a PNG file."""
+    settings = settings_from_args(args)
+    _setup_logging(settings.log_level)
+    result = generate_image(
+        settings,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        init_image=args.init_image,
+        denoising_strength=args.denoising_strength,
+        resize_mode=args.resize_mode,
+        output=args.output,
+    )
+    print_result(result)
+    return 0
+
+
+def cmd_check_models(args: argparse.Namespace) -> int:
+    """One line per model; exit 1 when anything is wrong."""
+    from pi_axera_sd_service.runtime.model_dir import check_models, format_check_lines
+
+    settings = settings_from_args(args)
+    files, backend = resolve_files(settings, model_dir=args.folder)
+    lines = check_models(files, backend, settings.device_id)
+    print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
+    if all(line.ok for line in lines):
+        return 0
+    print(f"{PROG}: check-models: see the [FAIL] lines above", file=sys.stderr)
+    return 1
+
+
+def cmd_make_demo_models(args: argparse.Namespace) -> int:
+    """Write the demo model pack into FOLDER."""
+    from pi_axera_sd_service.runtime.demo_pack import make_demo_pack
+
+    folder = make_demo_pack(Path(args.folder))
+    print(f"demo pack written to {folder}")
+    return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    """Render (and optionally install) the systemd unit: arguments go to pi_axera_sd_service.deploy."""
+    from pi_axera_sd_service import deploy
+
+    return int(deploy.main(list(args.deploy_args)) or 0)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used by the docs generator)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="SD1.5-LCM on the Axera AX650N NPU behind the A1111 WebUI API. "
+        "No subcommand means serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+
+    serve = sub.add_parser("serve", help="run the HTTP service", description=cmd_serve.__doc__)
+    add_settings_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="one image to a PNG file", description=cmd_generate.__doc__)
+    gen.add_argument("--prompt", required=True, help="the prompt")
+    gen.add_argument("--negative-prompt", default="", help="negative prompt (used when --cfg-scale > 1)")
+    gen.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default)")
+    gen.add_argument("--steps", type=int, default=4, help="1..4 LCM steps (img2img: the schedule length)")
+    gen.add_argument("--cfg-scale", type=float, default=1.0, help="<= 1: one UNet pass per step (default 1)")
+    gen.add_argument("--init-image", type=Path, help="init image file: img2img instead of txt2img")
+    gen.add_argument("--denoising-strength", type=float, default=0.5, help="img2img strength (default 0.5)")
+    gen.add_argument("--resize-mode", type=int, default=0, choices=(0, 1, 2),
+                     help="img2img: 0 stretch, 1 crop and resize, 2 resize and fill")
+    gen.add_argument("--output", "-o", type=Path, default=Path("output.png"), help="PNG file to write")
+    add_settings_arguments(gen, RUNTIME_FIELDS)
+    gen.set_defaults(func=cmd_generate)
+
+    check = sub.add_parser("check-models", help="verify model files against the I/O contract",
+                           description=cmd_check_models.__doc__)
+    check.add_argument("folder", nargs="?", type=Path, help="model folder (default: the configured models)")
+    add_settings_arguments(check, RUNTIME_FIELDS)
+    check.set_defaults(func=cmd_check_models)
+
+    demo = sub.add_parser("make-demo-models", help="write the small CPU demo model pack",
+                          description=cmd_make_demo_models.__doc__)
+    demo.add_argument("folder", type=Path, help="folder to write")
+    demo.set_defaults(func=cmd_make_demo_models)
+
+    inst = sub.add_parser("install-service", help="render/install the systemd unit (install-service --help)",
+                          description=cmd_install_service.__doc__, add_help=False)
+    inst.set_defaults(func=cmd_install_service, deploy_args=[])
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    """Plain logging for the one-shot commands (the server configures its own)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]  # upstream unit: `python pi_axera_sd_generator.py` starts the service
+    if argv[0] == "install-service":  # every following argument belongs to the deploy module
+        args = argparse.Namespace(command=argv[0], func=cmd_install_service, deploy_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: args.func(args))
+
+
+def run_reporting_errors(func: Callable[[], int], prog: str = PROG) -> int:
+    """Run `func`; user errors become one line on stderr and exit status 1 (no traceback)."""
+    from pi_axera_sd_service.pipeline.images import ImageDecodeError
+    from pi_axera_sd_service.pipeline.stages import StageError
+    from pi_axera_sd_service.runtime.session import FeedError, ModelLoadError
+
+    try:
+        return func()
+    except (CliError, ModelLoadError, ImageDecodeError, StageError, FeedError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except ImportError as exc:
+        print(f"{prog}: error: {exc} (is the package installed? run scripts/install.sh)", file=sys.stderr)
+    except OSError as exc:
+        where = f" {exc.filename}:" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: error:{where} {exc.strerror or exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1
