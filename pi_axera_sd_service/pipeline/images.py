@@ -10,6 +10,7 @@ import base64
 import binascii
 import contextlib
 import io
+import math
 import re
 
 import numpy as np
@@ -94,54 +95,77 @@ def _flatten_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_image(img: Image.Image, mode: int, width: int, height: int) -> Image.Image:
-    """A1111 resize: 0 stretch, 1 crop and resize (cover + centre crop), 2 resize and fill (edges stretched).
+    """A1111 `resize_image`: 0 stretch, 1 crop and resize (cover + centre crop), 2 resize and fill.
 
-    Other modes are treated as 0.
+    Other modes are treated as 0. Modes 1 and 2 give A1111's pixels (within one level) on any size.
     """
     img = img.convert("RGB")
     if mode not in (1, 2) or img.size == (width, height):
         return img.resize((width, height), Image.Resampling.LANCZOS)
-    target_ratio = width / height
-    source_ratio = img.width / img.height
-    wide_target = target_ratio > source_ratio
-    if mode == 1:  # cover the target, then centre-crop
-        new_w = width if wide_target else img.width * height // img.height
-        new_h = img.height * width // img.width if wide_target else height
-        return _resize_cropped(img, new_w, new_h, width, height)
-    # fit inside the target
-    new_w = img.width * height // img.height if wide_target else width
-    new_h = height if wide_target else img.height * width // img.width
-    resized = img.resize((max(new_w, 1), max(new_h, 1)), Image.Resampling.LANCZOS)
-    left, top = width // 2 - resized.width // 2, height // 2 - resized.height // 2
+    target_wider = width / height > img.width / img.height
+    if mode == 1:  # cover the target, keep its centre
+        cover_w = width if target_wider else img.width * height // img.height
+        cover_h = img.height * width // img.width if target_wider else height
+        return _resize_centre_crop(img, cover_w, cover_h, width, height)
+    target_taller = width / height < img.width / img.height
+    fit_w = max(1, img.width * height // img.height if target_wider else width)
+    fit_h = max(1, height if not target_taller else img.height * width // img.width)
+    return _fill_around(img.resize((fit_w, fit_h), Image.Resampling.LANCZOS), width, height)
+
+
+_LANCZOS_SUPPORT = 3.0  # Pillow's Lanczos kernel reaches 3 source pixels per unit of scale
+
+
+def _resize_centre_crop(img: Image.Image, cover_w: int, cover_h: int, width: int, height: int) -> Image.Image:
+    """The centre `width` x `height` of `img` resized to `cover_w` x `cover_h`, as A1111 gets it
+    (full resize, then crop) without its full-size intermediate (512x1024000 for a 1x2000 image).
+
+    Pillow resizes columns first, then rows, rounding to 8 bits in between. The column pass runs
+    at full cover width (bit-identical to A1111) over only the source rows that the kept rows
+    read; the row pass resizes just the kept rows (a box; within one level). A column pass wider
+    than `_intermediate_budget` (panoramas far wider than the target) resizes the kept columns
+    alone, which can differ from A1111 by 2 levels.
+    """
+    left, top = cover_w // 2 - width // 2, cover_h // 2 - height // 2
+    scale_y = img.height / cover_h
+    reach = _LANCZOS_SUPPORT * max(scale_y, 1.0) + 1
+    first_row = max(0, math.floor(top * scale_y - reach))
+    last_row = min(img.height, math.ceil((top + height) * scale_y + reach))
+    rows = img.crop((0, first_row, img.width, last_row))
+    lanczos = Image.Resampling.LANCZOS
+    if cover_w * rows.height <= _intermediate_budget(img, width, height):
+        columns_done = rows.resize((cover_w, rows.height), lanczos).crop((left, 0, left + width, rows.height))
+    else:
+        scale_x = img.width / cover_w
+        columns_done = rows.resize((width, rows.height), lanczos,
+                                   box=(left * scale_x, 0, (left + width) * scale_x, rows.height))
+    kept_rows = (0, top * scale_y - first_row, width, (top + height) * scale_y - first_row)
+    return columns_done.resize((width, height), lanczos, box=kept_rows)
+
+
+def _intermediate_budget(img: Image.Image, width: int, height: int) -> int:
+    """Most pixels an intermediate image of a resize may hold: the source's, or 4 targets'."""
+    return max(img.width * img.height, 4 * width * height)
+
+
+def _fill_around(fitted: Image.Image, width: int, height: int) -> Image.Image:
+    """`fitted` centred on a `width` x `height` canvas, the gaps filled as A1111 fills them.
+
+    A1111 resizes a zero-height (or zero-width) box on the fitted image's edge with Pillow's
+    default bicubic filter: each filled row is 1.125 x the edge row - 0.125 x the row inside it.
+    The far gap gets as many rows as the near one; the canvas clips the surplus.
+    """
+    w, h = fitted.size
     canvas = Image.new("RGB", (width, height))
-    canvas.paste(resized, (left, top))
-    _fill_with_edges(canvas, resized, left, top)
+    canvas.paste(fitted, (width // 2 - w // 2, height // 2 - h // 2))
+    bicubic = Image.Resampling.BICUBIC
+    if h < height and w == width and (gap := height // 2 - h // 2) > 0:
+        canvas.paste(fitted.resize((w, gap), bicubic, box=(0, 0, w, 0)), (0, 0))
+        canvas.paste(fitted.resize((w, gap), bicubic, box=(0, h, w, h)), (0, gap + h))
+    elif w < width and h == height and (gap := width // 2 - w // 2) > 0:
+        canvas.paste(fitted.resize((gap, h), bicubic, box=(0, 0, 0, h)), (0, 0))
+        canvas.paste(fitted.resize((gap, h), bicubic, box=(w, 0, w, h)), (gap + w, 0))
     return canvas
-
-
-def _resize_cropped(img: Image.Image, new_w: int, new_h: int, width: int, height: int) -> Image.Image:
-    """A1111's "resize to new_w x new_h, then centre-crop width x height", as one resize of the
-    matching source box: the full-size intermediate of a 1x2000 image would be 512x1024000."""
-    left = new_w // 2 - width // 2
-    top = new_h // 2 - height // 2
-    sx, sy = img.width / new_w, img.height / new_h
-    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-    return img.resize((width, height), Image.Resampling.LANCZOS, box=box)
-
-
-def _fill_with_edges(canvas: Image.Image, resized: Image.Image, left: int, top: int) -> None:
-    """Fill the gaps around a fitted image by stretching its outermost rows/columns."""
-    w, h = resized.size
-    right_gap = canvas.width - left - w
-    bottom_gap = canvas.height - top - h
-    if top > 0:
-        canvas.paste(resized.crop((0, 0, w, 1)).resize((w, top)), (left, 0))
-    if bottom_gap > 0:
-        canvas.paste(resized.crop((0, h - 1, w, h)).resize((w, bottom_gap)), (left, top + h))
-    if left > 0:
-        canvas.paste(resized.crop((0, 0, 1, h)).resize((left, h)), (0, top))
-    if right_gap > 0:
-        canvas.paste(resized.crop((w - 1, 0, w, h)).resize((right_gap, h)), (left + w, top))
 
 
 def image_to_nchw(img: Image.Image) -> np.ndarray:
