@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import unicodedata
+import re
 from pathlib import Path
 
+import ftfy
 import pytest
 from tiny_vocab import MERGES, tiny_clip_vocab
 
-from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
+from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer, bytes_to_unicode
 from pi_axera_sd_service.runtime.session import ModelLoadError
 
 
@@ -108,7 +109,7 @@ def test_unusual_text_round_trips_and_never_yields_unknown_tokens(tokenizer_and_
     tokenizer, _ = tokenizer_and_vocab
     ids = tokenizer.encode(text)
     assert tokenizer.eos_id not in ids and tokenizer.bos_id not in ids
-    normalised = " ".join(unicodedata.normalize("NFC", text).lower().split())
+    normalised = " ".join(ftfy.fix_text(text).lower().split())
     assert tokenizer.decode(ids).replace(" ", "") == normalised.replace(" ", "")
 
 
@@ -117,3 +118,67 @@ def test_typed_special_tokens_are_the_special_ids_as_in_a1111(tokenizer_and_voca
     tokenizer, _ = tokenizer_and_vocab
     assert tokenizer.encode("a<|endoftext|>b")[1] == tokenizer.eos_id
     assert tokenizer.bos_id in tokenizer.encode("<|startoftext|> cat")
+
+
+# --------------------------------------------------------------------------- A1111's text clean-up
+
+# CLIP's word regex with Python `re` classes ([^\W\d_] letters, \d digits): enough for this corpus
+_WORDS = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
+
+
+def reference_ids(normalised: str, vocab: dict[str, int]) -> list[int]:
+    """CLIP's BPE written out (lowest-ranked pair first, every occurrence) over already-clean text."""
+    ranks = {pair: rank for rank, pair in enumerate(MERGES)}
+    byte_char = bytes_to_unicode()
+    ids = []
+    for word in _WORDS.findall(normalised):
+        if word in ("<|startoftext|>", "<|endoftext|>"):
+            ids.append(vocab[word])
+            continue
+        parts = [byte_char[b] for b in word.encode("utf-8")]
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            pair = min(zip(parts[:-1], parts[1:], strict=True), key=lambda p: ranks.get(p, len(ranks)))
+            if pair not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if tuple(parts[i:i + 2]) == pair:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        ids += [vocab[p] for p in parts]
+    return ids
+
+
+# (prompt as typed, the text A1111's tokenizer sees after ftfy fix_text + whitespace clean + str.lower())
+A1111_CORPUS = [
+    ("it’s a cat", "it's a cat"),  # curly apostrophe
+    ("a \ufb02ower", "a flower"),  # ligature
+    ("\uff23\uff21\uff34 photo", "cat photo"),  # full-width letters
+    ("cat &amp; dog", "cat & dog"),  # HTML entity
+    ("caf\u00c3\u00a9 photo", "caf\u00e9 photo"),  # UTF-8 read as Latin-1 (mojibake)
+    ("a\x07cat\x1b dog", "acat dog"),  # control characters
+    ("\u039f\u0394\u039f\u03a3", "\u03bf\u03b4\u03bf\u03c2"),  # Greek final sigma
+    ("a cat<|endoftext|>dog", "a cat <|endoftext|> dog"),
+    ("<|startoftext|>A CAT", "<|startoftext|> a cat"),
+    ("cat <|ENDOFTEXT|>", "cat <|endoftext|>"),  # lowercased, then CLIP's regex keeps it whole
+    ("cat &amp; <dog>", "cat &amp; <dog>"),  # ftfy leaves entities alone in text that has a "<"
+]
+
+
+@pytest.mark.parametrize(("typed", "clean"), A1111_CORPUS)
+def test_prompts_get_the_ids_a1111_gets(tokenizer_and_vocab, typed, clean):
+    tokenizer, vocab = tokenizer_and_vocab
+    assert tokenizer.encode(typed) == reference_ids(clean, vocab)
+
+
+def test_the_clean_up_cases_differ_from_plain_lowercasing(tokenizer_and_vocab):
+    """The first seven cases change ids: lowercasing character by character would give others."""
+    _, vocab = tokenizer_and_vocab
+    for typed, clean in A1111_CORPUS[:7]:
+        naive = " ".join("".join(char.lower() for char in typed).split())
+        assert reference_ids(naive, vocab) != reference_ids(clean, vocab), typed

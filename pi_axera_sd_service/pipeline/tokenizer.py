@@ -1,17 +1,21 @@
 """CLIP BPE tokenizer read from a standard `vocab.json` + `merges.txt` folder.
 
-Configured like the CLIP tokenizer SD 1.5 uses: NFC + whitespace collapse + lowercase, the CLIP
-word regex, byte-level alphabet, BPE with the end-of-word suffix `</w>`.
+Gives the ids A1111 gets for SD 1.5 (transformers' `CLIPTokenizer` with ftfy installed): the text
+is split at the literal special tokens, each piece cleaned with `clean_text` (ftfy `fix_text`,
+whitespace collapse, Python's `str.lower()`), then the CLIP word regex, the byte-level alphabet
+and BPE with the end-of-word suffix `</w>`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+import ftfy
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from ..runtime.session import ModelLoadError
 
@@ -21,6 +25,16 @@ CLIP_WORD_PATTERN = (
 END_OF_WORD = "</w>"
 DEFAULT_BOS = "<|startoftext|>"
 DEFAULT_EOS = "<|endoftext|>"
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """CLIP's clean-up before BPE: ftfy `fix_text` (curly quotes, ligatures, full-width letters,
+    mojibake, control characters, HTML entities when the text has no `<`), whitespace runs to one
+    space, stripped, then `str.lower()` (which knows the Greek final sigma)."""
+    return _WHITESPACE.sub(" ", ftfy.fix_text(text)).strip().lower()
 
 
 @lru_cache(maxsize=1)
@@ -63,24 +77,22 @@ class ClipTokenizer:
         self.vocab_size = len(vocab)
         self._id_to_token = {i: t for t, i in vocab.items()}
         self._byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
-        self._tokenizer = self._build(vocab, merges, eos_token, [bos_token, eos_token])
+        self._special_ids = {bos_token: self.bos_id, eos_token: self.eos_id}
+        self._special_split = re.compile("(" + "|".join(map(re.escape, self._special_ids)) + ")")
+        self._tokenizer = self._build(vocab, merges, eos_token)
 
     @staticmethod
-    def _build(vocab: dict[str, int], merges: list[tuple[str, str]], unk: str,
-               specials: list[str]) -> Tokenizer:
+    def _build(vocab: dict[str, int], merges: list[tuple[str, str]], unk: str) -> Tokenizer:
+        """Word regex + byte-level BPE of text that `clean_text` has already normalised."""
         model = models.BPE(vocab=vocab, merges=merges, unk_token=unk,
                            continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD)
         tokenizer = Tokenizer(model)
-        tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             # keep the regex matches, drop what lies between them (whitespace)
             pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
         tokenizer.decoder = decoders.BPEDecoder(suffix=END_OF_WORD)
-        tokenizer.add_special_tokens(specials)
         return tokenizer
 
     @classmethod
@@ -118,8 +130,19 @@ class ClipTokenizer:
             raise ModelLoadError(f"{folder}: not a usable CLIP tokenizer: {exc}", folder) from exc
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without BOS/EOS."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`, without added BOS/EOS; `<|endoftext|>` written in the text is the
+        EOS id (any letter case, as CLIP's tokenizer gives it after lowercasing)."""
+        ids: list[int] = []
+        for piece in self._special_split.split(text):
+            if piece in self._special_ids:
+                ids.append(self._special_ids[piece])
+                continue
+            for word in self._special_split.split(clean_text(piece)):
+                if word in self._special_ids:
+                    ids.append(self._special_ids[word])
+                elif word:
+                    ids += self._tokenizer.encode(word, add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`: tokens joined, `</w>` becomes a space, byte-level characters decoded."""
