@@ -82,6 +82,43 @@ def test_prompt_over_75_tokens_keeps_the_first_75_and_names_the_dropped_text(tok
     assert "w39" in tokenizer.decode(all_ids[75:]).replace(" ", "")
 
 
+def _a_comma_b(a_count: int, b_count: int) -> str:
+    """`a_count` one-token words, a comma (token index `a_count`), `b_count` one-token words."""
+    return " ".join(["a"] * a_count) + ", " + " ".join(["b"] * b_count)
+
+
+@pytest.mark.parametrize("comma_at", [55, 60, 74])
+def test_long_prompt_ends_at_a_comma_among_the_last_20_tokens_as_a1111(tokenizer, comma_at):
+    vocab = tiny_clip_vocab()
+    b_count = 80 - comma_at
+    ids, weights, warnings = tokenize_weighted(tokenizer, [(_a_comma_b(comma_at, b_count), 1.0)])
+    kept = [vocab["a</w>"]] * comma_at + [vocab[",</w>"]]
+    assert list(ids[1:1 + len(kept)]) == kept
+    assert set(ids[1 + len(kept):]) == {tokenizer.eos_id}  # the chunk is padded after the comma
+    assert np.all(weights == 1.0)
+    assert len(warnings) == 1 and "comma" in warnings[0]
+    assert f"{b_count} tokens dropped: {' '.join(['b'] * b_count)!r}" in warnings[0]
+
+
+@pytest.mark.parametrize(("comma_at", "first_dropped"), [(54, "b"), (75, ",")])
+def test_long_prompt_is_cut_at_75_tokens_when_no_comma_is_close(tokenizer, comma_at, first_dropped):
+    """A comma 21 tokens back is too far; a comma as token 76 is itself cut off (A1111 does both)."""
+    vocab = tiny_clip_vocab()
+    prompt = _a_comma_b(comma_at, 30)
+    ids, _, warnings = tokenize_weighted(tokenizer, [(prompt, 1.0)])
+    all_ids = tokenizer.encode(prompt)
+    assert list(ids[1:76]) == all_ids[:75] and ids[76] == tokenizer.eos_id
+    assert all_ids[75] == vocab[f"{first_dropped}</w>"]
+    assert len(warnings) == 1 and "comma" not in warnings[0]
+    assert f"{len(all_ids) - 75} tokens dropped" in warnings[0]
+
+
+def test_comma_cut_drops_the_weights_of_the_moved_tokens(tokenizer):
+    parsed = parse_prompt_attention(" ".join(["a"] * 60) + ", (b b b b b b b b b b b b b b b b:1.3)")
+    ids, weights, _ = tokenize_weighted(tokenizer, parsed)
+    assert ids[62] == tokenizer.eos_id and np.all(weights == 1.0)
+
+
 def test_break_pads_the_chunk_and_text_after_it_is_dropped_with_a_warning(tokenizer):
     ids, weights, warnings = tokenize_weighted(tokenizer, parse_prompt_attention("a cat BREAK dog"))
     plain_ids, _, _ = tokenize_weighted(tokenizer, [("a cat", 1.0)])

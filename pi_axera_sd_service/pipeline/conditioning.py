@@ -1,7 +1,8 @@
 """Prompt -> per-step text embeddings for one request, with A1111 prompt semantics.
 
 The compiled text encoder takes exactly one 77-token chunk ([BOS] + 75 + [EOS]), so this is
-A1111's *first* chunk: text beyond 75 tokens, or after a BREAK, is dropped with a warning.
+A1111's *first* chunk: text beyond it (A1111's cut: after the last comma within the last 20
+tokens, else after token 75) or after a BREAK is dropped with a warning that quotes it.
 Emphasis weights are applied to the hidden states (`apply_emphasis`, A1111 `sd_emphasis`).
 """
 
@@ -22,6 +23,7 @@ from .prompt_parser import (
 from .tokenizer import ClipTokenizer
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+COMMA_BACKTRACK = 20  # A1111's `comma_padding_backtrack` default
 EXTRA_NETWORK_WARNING = (
     "LoRA/hypernetwork tags cannot be applied: weights are compiled into the NPU models ({tags} ignored)"
 )
@@ -59,26 +61,37 @@ def tokenize_weighted(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(ids int64 [77], multipliers float32 [77], warnings) for parsed (text, weight) pieces.
 
-    Each token carries its piece's weight; ("BREAK", -1) closes the chunk (A1111 pads it to 75
-    and continues in a second chunk, which one 77-token encoder call cannot hold).
+    This is A1111's first chunk, token for token. Each token carries its piece's weight. A prompt
+    longer than 75 tokens is cut as A1111 ends its first chunk: after the last comma when that
+    comma is among the last `COMMA_BACKTRACK` tokens (phrases stay whole), else after token 75.
+    ("BREAK", -1) closes the chunk (A1111 pads it to 75 and continues in a second chunk, which
+    one 77-token encoder call cannot hold). The warning quotes the dropped text.
     """
     chunk_length = tokenizer.max_length - 2
     tokens: list[int] = []
     multipliers: list[float] = []
     dropped: list[int] = []
-    closed_by_break = False
+    closed_by_break = cut_at_comma = False
+    last_comma = -1  # index in `tokens` of the chunk's last comma token
     for text, weight in parsed:
         if text == "BREAK" and weight == -1:
             closed_by_break = closed_by_break or len(tokens) < chunk_length
             tokens += [tokenizer.eos_id] * (chunk_length - len(tokens))
             multipliers += [1.0] * (chunk_length - len(multipliers))
+            last_comma = -1
             continue
         for token in tokenizer.encode(text):
-            if len(tokens) < chunk_length:
+            if len(tokens) < chunk_length and not dropped:
+                if token == tokenizer.comma_id:
+                    last_comma = len(tokens)
                 tokens.append(token)
                 multipliers.append(weight)
-            else:
-                dropped.append(token)
+                continue
+            if (not dropped and token != tokenizer.comma_id and last_comma >= 0
+                    and chunk_length - last_comma <= COMMA_BACKTRACK):
+                dropped, cut_at_comma = tokens[last_comma + 1:], True
+                del tokens[last_comma + 1:], multipliers[last_comma + 1:]
+            dropped.append(token)
 
     padding = chunk_length - len(tokens)
     ids = [tokenizer.bos_id, *tokens] + [tokenizer.eos_id] * (padding + 1)
@@ -90,6 +103,8 @@ def tokenize_weighted(
     if dropped:
         where = (f"text after BREAK needs a second {chunk_length}-token chunk, which the compiled text "
                  f"encoder cannot take" if closed_by_break else f"longer than {chunk_length} tokens")
+        if cut_at_comma:
+            where += " (cut after its last comma, where A1111 ends the first chunk)"
         warnings.append(f"{label} {where}: {len(dropped)} tokens dropped: {tokenizer.decode(dropped)!r}")
     return np.asarray(ids, dtype=np.int64), np.asarray(weights, dtype=np.float32), warnings
 

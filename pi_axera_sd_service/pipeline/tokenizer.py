@@ -73,6 +73,7 @@ class ClipTokenizer:
         self.bos_id = vocab[bos_token]
         self.eos_id = vocab[eos_token]
         self.pad_id = vocab[pad_token]  # SD1: the EOS token
+        self.comma_id = vocab.get("," + END_OF_WORD)  # where A1111 prefers to end a long prompt's chunk
         self.max_length = max_length
         self.vocab_size = len(vocab)
         self._id_to_token = {i: t for t, i in vocab.items()}
