@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.metadata
 import logging
 import socket
 import sys
@@ -164,7 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_check_models(args: argparse.Namespace) -> int:
-    """One line per model; exit 1 when anything is wrong."""
+    """Check each model file against the I/O contract: one block per item ([OK] or [FAIL], its
+    inputs and outputs), then `all models OK` or `N problem(s) found`; exit 1 when anything is wrong."""
     from pi_axera_sd_service.runtime.model_dir import check_models, format_check_lines
 
     settings = settings_from_args(args)
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="SD1.5-LCM on the Axera AX650N NPU behind the A1111 WebUI API. "
         "No subcommand means serve.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
 
     serve = sub.add_parser("serve", help="run the HTTP service", description=cmd_serve.__doc__)
@@ -240,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    """The installed package's version (from its metadata), or "unknown" when run uninstalled."""
+    try:
+        return importlib.metadata.version("pi_axera_sd_service")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _setup_logging(level: str) -> None:
     """Plain logging for the one-shot commands (the server configures its own)."""
     if not logging.getLogger().handlers:
@@ -250,7 +261,7 @@ def _setup_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["serve", *argv]  # upstream unit: `python pi_axera_sd_generator.py` starts the service
     if argv[0] == "install-service":  # every following argument belongs to the deploy module
         args = argparse.Namespace(command=argv[0], func=cmd_install_service, deploy_args=argv[1:])

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         "auto", description="auto: axengine when importable and .axmodel files exist, else onnxruntime"
     )
     device_id: int = Field(0, ge=0, description="NPU device index (AXCL card)")
-    demo: bool = Field(False, description="Serve the generated demo model pack on the CPU")
+    demo: bool = Field(False, description="Use the generated demo model pack on the CPU (no models needed)")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="Demo pack and model-hash cache")
 
     # --- network ---

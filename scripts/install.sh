@@ -63,8 +63,14 @@ if [[ $FORCE == 0 && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] &&
     exit 0
 fi
 
-say "pip install -e '.[$EXTRAS]' (quiet; a first install downloads the dependencies)"
+say "pip install -e '.[$EXTRAS]' (a first install downloads the dependencies: about a minute)"
 rm -f "$STAMP"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
+# pip's own lines, one per package, as progress; its errors (stderr) pass through unfiltered
+"$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -e ".[$EXTRAS]" |
+    while IFS= read -r line; do
+        case "$line" in
+            Collecting* | "Installing collected packages"* | Successfully*) say "pip: $line" ;;
+        esac
+    done
 printf '%s\n' "$want" >"$STAMP"
 say "done: $VENV/bin/pi-axera-sd --help"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -159,3 +162,83 @@ def test_api_doc_covers_every_route():
     missing = sorted(served - documented)
     assert not missing, f"routes without a heading in docs/api.md: {missing}"
     assert not sorted(documented - served), "docs/api.md documents routes the app does not serve"
+
+
+# --------------------------------------------------------------------------- the Pi path, verbatim
+
+
+def _bash_blocks(text: str) -> list[str]:
+    """The ```bash blocks of a markdown text, continuation lines joined."""
+    return [block.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
+def _setup_section(number: int) -> str:
+    return SETUP.read_text(encoding="utf-8").split(f"\n## {number}. ", 1)[1].split("\n## ", 1)[0]
+
+
+# the model files the service loads on the Pi (models/README.md), and files it must not fetch
+PI_MODEL_FILES = ["models/unet.axmodel", "models/vae_decoder.axmodel", "models/vae_encoder.axmodel",
+                  "models/text_encoder/sd15_text_encoder_sim.axmodel", "models/tokenizer/vocab.json",
+                  "models/tokenizer/merges.txt", "models/time_input_txt2img.npy"]
+CPU_ONLY_FILES = ["models/unet.onnx", "models/text_encoder/sd15_text_encoder_sim.onnx"]
+
+
+def test_model_download_command_selects_every_pi_file_by_the_installed_hf_parser():
+    """Section 5's `hf download` line, parsed by the argument parser of the `hf` in the venv (no network)."""
+    click = pytest.importorskip("click")
+    hf_app = pytest.importorskip("huggingface_hub.cli.hf").app
+    from huggingface_hub.utils import filter_repo_objects
+
+    lines = [line for block in _bash_blocks(_setup_section(5)) for line in block.splitlines()
+             if "hf download" in line]
+    assert len(lines) == 1, "section 5 shows one hf download command"
+    words = shlex.split(lines[0])
+    assert words[0] == ".venv/bin/hf" and words[1] == "download"
+    root = click.Context(hf_app, info_name="hf")
+    command = hf_app.get_command(root, "download")
+    command = command.materialize() if hasattr(command, "materialize") else command
+    params = command.make_context("download", words[2:], parent=root).params
+    assert params["repo_id"] == "AXERA-TECH/lcm-lora-sdv1-5"
+    assert not params["filenames"], f"words taken as file names, not patterns: {params['filenames']}"
+    chosen = set(filter_repo_objects(PI_MODEL_FILES + CPU_ONLY_FILES, allow_patterns=list(params["include"])))
+    assert chosen == set(PI_MODEL_FILES)
+    assert params["local_dir"] and f"mv {params['local_dir']}/models/* models/" in _setup_section(5)
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    from importlib.metadata import version
+
+    from pi_axera_sd_service.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"pi-axera-sd {version('pi_axera_sd_service')}\n"
+
+
+def _stub_venv(checkout: Path, pip_lines: str, pip_status: int) -> None:
+    """A copy of install.sh in `checkout` whose .venv python fakes `pip install` (prints `pip_lines`)."""
+    (checkout / "scripts").mkdir(parents=True)
+    (checkout / "scripts" / "install.sh").write_bytes((ROOT / "scripts" / "install.sh").read_bytes())
+    (checkout / "scripts" / "install.sh").chmod(0o755)
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    python = checkout / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"""#!/bin/sh
+if [ "$1 $2" = "-m pip" ]; then printf '%s' '{pip_lines}'; echo 'pip: boom' >&2; exit {pip_status}; fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+
+
+@pytest.mark.parametrize("pip_status", [0, 1])
+def test_install_script_prints_a_line_per_package_and_fails_when_pip_fails(tmp_path, pip_status):
+    pip_lines = "Collecting fastapi>=0.110\nRequirement already satisfied: numpy\nSuccessfully installed x\n"
+    _stub_venv(tmp_path, pip_lines, pip_status)
+    done = subprocess.run([str(tmp_path / "scripts" / "install.sh")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "install.sh: pip: Collecting fastapi>=0.110" in done.stderr
+    assert "Requirement already" not in done.stderr + done.stdout
+    assert "pip: boom" in done.stderr  # pip's errors pass through
+    assert done.returncode == pip_status
+    assert ("done:" in done.stderr) == (pip_status == 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import stat
 import zlib
 
 import numpy as np
@@ -310,3 +312,17 @@ def test_decode_errors_name_the_problem_not_python_internals() -> None:
     with pytest.raises(ImageDecodeError) as bomb:
         decode_image_bytes(bytes(giant), 10**7)
     assert "max_init_image_pixels" in str(bomb.value)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_images_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Like any tool: -rw-r--r-- under the usual umask 022 (they were -rw------- whatever the umask)."""
+    from pi_axera_sd_service.service.results import save_images
+
+    previous = os.umask(umask)
+    try:
+        (path,) = save_images([encode_image(Image.new("RGB", (8, 8)))], tmp_path, "png", "20260101", [7])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left

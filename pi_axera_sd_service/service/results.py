@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import os
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -150,13 +149,14 @@ def save_images(
     for i, blob in enumerate(blobs):
         seed = seeds[i] if i < len(seeds) else 0
         target = folder / f"{job_timestamp}-{seed}-{i:02d}-{tag}.{ext}"
-        fd, tmp = tempfile.mkstemp(prefix=".saving-", suffix="." + ext, dir=folder)
+        tmp = folder / f".saving-{uuid.uuid4().hex}.{ext}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for any tool
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(blob)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         paths.append(target)
     return paths
