@@ -1,8 +1,8 @@
 """Throughput and latency of 1, 4 and 16 concurrent clients with AX650N-like per-call delays.
 
 The real app runs under uvicorn on 127.0.0.1 (ephemeral port) on the demo pack, with a session
-wrapper sleeping the published AX650N times per call (pipeline.md §5: text encoder 10 ms, UNet
-437 ms per step, VAE decode 930 ms). The ideal throughput is one image per sum of NPU time.
+wrapper sleeping the published AX650N times per call (upstream README logs: text encoder 10 ms,
+UNet 437 ms per step, VAE decode 930 ms). The ideal throughput is one image per sum of NPU time.
 
     .venv/bin/python bench/bench_concurrency.py [--requests N] [--clients 1,4,16] [--steps 4]
 """

@@ -1,4 +1,4 @@
-"""AIYA Discord bot (Kilvoctu/aiyabot), replayed (webui_api.md §3d)."""
+"""AIYA Discord bot (Kilvoctu/aiyabot), replayed."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_startup_probe(target, session):
 
 
 def test_version_and_config_are_json_404(target, session):
-    """Not A1111 API routes here: FastAPI's JSON 404, which AIYA parses (webui_api.md §4.2)."""
+    """Not A1111 API routes here: FastAPI's JSON 404, which AIYA parses."""
     for path in ("/sdapi/v1/version", "/config"):
         r = session.get(target.url(path), timeout=60)
         assert r.status_code == 404, f"{path} -> {r.status_code}"

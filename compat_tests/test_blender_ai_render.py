@@ -1,4 +1,4 @@
-"""Blender AI-Render (benrugg/AI-Render automatic1111_api.py), replayed (webui_api.md §3d)."""
+"""Blender AI-Render (benrugg/AI-Render automatic1111_api.py), replayed."""
 
 from __future__ import annotations
 

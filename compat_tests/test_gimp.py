@@ -1,4 +1,4 @@
-"""stable-gimpfusion GIMP plugin, replayed with urllib as the plugin does (webui_api.md §3d)."""
+"""stable-gimpfusion GIMP plugin, replayed with urllib as the plugin does."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Open WebUI's AUTOMATIC1111 image engine, replayed (webui_api.md §3b)."""
+"""Open WebUI's AUTOMATIC1111 image engine, replayed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pi_axera_sd_interactive (Gradio app) AxeraClient.generate, replayed (webui_api.md §3e)."""
+"""pi_axera_sd_interactive (Gradio app) AxeraClient.generate, replayed."""
 
 from __future__ import annotations
 

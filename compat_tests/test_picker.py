@@ -1,4 +1,4 @@
-"""picker (hardware_exercises picker/sd_client.py): POST /generate via urllib (webui_api.md §3e)."""
+"""picker (hardware_exercises picker/sd_client.py): POST /generate via urllib."""
 
 from __future__ import annotations
 

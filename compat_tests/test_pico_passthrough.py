@@ -1,4 +1,4 @@
-"""automatic1111_pico_passthrough: the Pico's JSON passed through unchanged (webui_api.md §3e)."""
+"""automatic1111_pico_passthrough: the Pico's JSON passed through unchanged."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SillyTavern's Stable Diffusion extension, source "auto" (server side), replayed (webui_api.md §3c)."""
+"""SillyTavern's Stable Diffusion extension, source "auto" (server side), replayed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""webuiapi 0.9.17 (PyPI), used the way its users use it (webui_api.md §3a)."""
+"""webuiapi 0.9.17 (PyPI), used the way its users use it."""
 
 from __future__ import annotations
 

@@ -242,3 +242,137 @@ def test_install_script_prints_a_line_per_package_and_fails_when_pip_fails(tmp_p
     assert "pip: boom" in done.stderr  # pip's errors pass through
     assert done.returncode == pip_status
     assert ("done:" in done.stderr) == (pip_status == 0)
+
+
+# --------------------------------------------------------------------------- quoted facts
+
+README = ROOT / "README.md"
+
+
+def _format_patterns() -> list[re.Pattern[str]]:
+    """Every string literal of the source as a pattern: %s / %d / {expr} match any text."""
+    patterns = []
+    for literal in set(re.findall(r"\"([^\"\n]{6,})\"", _source_text())):
+        parts = re.split(r"%[-.\d]*[sdrf]|\{[^{}]*\}", literal)
+        if len(parts) > 1:
+            patterns.append(re.compile(".+?".join(re.escape(p) for p in parts)))
+    return patterns
+
+
+# messages the setup guide quotes outside the troubleshooting table (the service prints them)
+SETUP_MESSAGES = [
+    "all models OK",
+    "N problem(s) found",
+    "engine ready: unet on axengine (max_queue=16)",
+    "cannot load the models: ...",
+    "serving the demo pack on the CPU",
+    "[FAIL] unet: models/unet.axmodel",
+    "model file not found: models/unet.axmodel",
+]
+
+
+@pytest.mark.parametrize("message", SETUP_MESSAGES)
+def test_messages_quoted_in_the_setup_guide_are_printed_by_the_service(message):
+    assert f"`{message}`" in " ".join(SETUP.read_text(encoding="utf-8").split())
+    source = _source_text()
+    assert message in source or any(p.fullmatch(message) for p in _format_patterns()), message
+
+
+def test_check_models_output_shown_in_the_guide_is_what_the_demo_pack_prints(tmp_path, capsys):
+    """Section 5's sample output, line by line in order, from the real command on a fresh demo pack."""
+    from pi_axera_sd_service.cli import main
+
+    section = _setup_section(5)
+    shown = re.search(r"check-models /tmp/demo-pack\n```\n```\n(.*?)```", section, re.S).group(1)
+    pack = tmp_path / "demo-pack"
+    assert main(["make-demo-models", str(pack)]) == 0
+    capsys.readouterr()
+    assert main(["check-models", str(pack), "--backend", "auto"]) == 0
+    printed = capsys.readouterr().out.replace(str(pack), "/tmp/demo-pack").splitlines()
+    position = 0
+    for line in shown.splitlines():
+        assert line in printed[position:], f"not printed (in this order): {line!r}"
+        position = printed.index(line, position) + 1
+
+
+def test_img2img_step_counts_in_the_docs_are_what_the_scheduler_runs():
+    from pi_axera_sd_service.pipeline.scheduler import img2img_timesteps
+
+    readme = README.read_text(encoding="utf-8")
+    strengths, counts = re.search(r"`denoising_strength` ([\d./]+) runs ([\d/]+) of the 4", readme).groups()
+    for strength, count in zip(strengths.split("/"), counts.split("/"), strict=True):
+        assert len(img2img_timesteps(float(strength), 4)) == int(count)
+    rule = "⌊`denoising_strength` × `steps` + 0.5⌋ of them (halves round up; at least 1)"
+    assert rule in readme and rule in " ".join(_setup_section(8).split())
+    assert len(img2img_timesteps(0.5, 4)) == 2 and "2 of 4 at\n  strength 0.5" in _setup_section(8)
+    for strength, steps in [(0.375, 4), (0.125, 4), (0.01, 3), (0.5, 3)]:  # halves up, at least 1
+        assert len(img2img_timesteps(strength, steps)) == max(1, int(strength * steps + 0.5))
+
+
+def test_readme_strict_statuses_are_what_the_service_answers(make_client, settings_factory):
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    sdapi, generate = re.search(r"`STRICT=true`, refuses it: (\d{3}) on `/sdapi`, and (\d{3}) "
+                                r"`\{\"status\": \"error\"\}` on `/generate`", readme).groups()
+    client = make_client(settings_factory(strict=True))
+    assert str(client.post("/sdapi/v1/txt2img", json={"prompt": "p", "steps": 7}).status_code) == sdapi
+    answer = client.post("/generate", json={"mode": "txt2img", "prompt": "p", "steps": 7})
+    assert str(answer.status_code) == generate and answer.json()["status"] == "error"
+
+
+def test_readme_lists_every_flag_of_the_run_scripts():
+    readme = README.read_text(encoding="utf-8")
+    paragraph = readme.split("The upstream scripts' flags keep working", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`(--\w+)`", paragraph))
+    flags = set()
+    for script in ("run_txt2img.py", "run_img2img.py"):
+        shown = subprocess.run([sys.executable, str(ROOT / "python" / script), "--help"],
+                               capture_output=True, text=True, timeout=120, check=True).stdout
+        flags |= set(re.findall(r"(?<![\w-])(--\w+)", shown)) - {"--help"}
+    assert listed == flags
+
+
+def test_readme_quotes_the_version_line(capsys):
+    from pi_axera_sd_service.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert f"(`{capsys.readouterr().out.strip()}`)" in README.read_text(encoding="utf-8")
+
+
+def test_metrics_rejection_reasons_in_the_api_doc_are_the_ones_counted():
+    text = " ".join(_api_doc().split("### `GET /metrics`", 1)[1].split("```", 1)[0].split())
+    reasons = set(re.findall(r"`([a-z_]+)`", text.split("by reason:", 1)[1].split("Invalid requests", 1)[0]))
+    source = _source_text()
+    counted = set(re.findall(r"reject\(\"([a-z_]+)\"\)", source))
+    counted |= set(re.findall(r"Error: \"([a-z_]+)\"", source))  # the engine's exception -> reason map
+    assert reasons == counted
+
+
+def test_metrics_ignore_invalid_requests(make_client, settings_factory):
+    client = make_client(settings_factory())
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "p", "steps": "many"}).status_code == 422
+    assert client.post("/generate", json={"mode": "paint"}).status_code == 400
+    assert "sd_rejections_total{" not in client.get("/metrics").text
+
+
+def test_fleet_doc_sends_credentials_to_every_protected_route():
+    """Under API_AUTH only /health and /internal/ping are open (api/middleware.py OPEN_PATHS)."""
+    from pi_axera_sd_service.api.middleware import OPEN_PATHS
+
+    commands = [line for block in _bash_blocks((ROOT / "docs" / "fleet.md").read_text(encoding="utf-8"))
+                for line in block.splitlines() if line.strip().startswith("curl")]
+    assert commands
+    for command in commands:
+        path = re.search(r"https?://[^/\s]+(/[^\s'\"|]*)", command).group(1)
+        assert path in OPEN_PATHS or " -u " in command, command
+
+
+def test_no_file_cites_reference_documents_that_are_not_in_the_repository():
+    cited = []
+    for path in [*ROOT.glob("*.md"), *ROOT.glob("*/**/*.md"), *ROOT.rglob("*.py")]:
+        if ".venv" in path.parts or "node_modules" in path.parts:
+            continue
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        if re.search(r"\b(pipeline|webui_api|peers)\.md\b", text):
+            cited.append(str(path.relative_to(ROOT)))
+    assert cited == [path for path in cited if path == "tests/test_docs.py"]

@@ -1,4 +1,4 @@
-"""LCM scheduler math in numpy (diffusers `LCMScheduler.step`, done by hand; pipeline.md §3).
+"""LCM scheduler math in numpy (diffusers `LCMScheduler.step`, done by hand).
 
 Only the four timesteps the compiled UNet has time-embedding rows for exist: (999, 759, 499, 259).
 Everything is float32, as the NPU sessions require.
