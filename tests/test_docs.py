@@ -376,3 +376,16 @@ def test_no_file_cites_reference_documents_that_are_not_in_the_repository():
         if re.search(r"\b(pipeline|webui_api|peers)\.md\b", text):
             cited.append(str(path.relative_to(ROOT)))
     assert cited == [path for path in cited if path == "tests/test_docs.py"]
+
+
+def test_subcommand_help_describes_what_the_command_does(capsys):
+    """check-models prints blocks, not "one line per model"; generate's --demo serves nothing."""
+    from pi_axera_sd_service.cli import main
+
+    for command in ("check-models", "generate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "one block per item" in shown and "one line per model" not in shown.lower()
+    demo_help = re.findall(r"--demo, --no-demo (\w+)", shown)
+    assert demo_help and "Serve" not in demo_help
