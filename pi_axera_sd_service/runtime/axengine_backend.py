@@ -23,13 +23,15 @@ Threads and contexts. AXCL keeps a current context per thread. Every AXCLRT sess
 `axclrtSetDevice` (making its card's context current on the creating thread), remembers that
 context, and makes it current again at each `run()`; so a session may be run from another thread
 than the one that created it, and sessions of different cards can be used from one thread. Still,
-create each device's sessions on the thread that will run them (its NPU worker): that is the
-arrangement AXCL documents, and it keeps one card's load from touching another card's context.
+create each device's sessions on the thread that will run them (its NPU worker): creating a
+session points the creating thread at that card, so loading several cards' models on one thread
+leaves it on whichever came last and only the restore in `run()` hides that; one thread per card
+keeps every thread on its own card. `model_dir.load_models` may run on any thread for this.
 
 Never reload sessions in one process. pyaxengine keeps every AXCLRT session in a module-level
 list until the process exits (its `atexit` handler unloads them), so a dropped session is never
-freed: loading the models again holds their card memory twice (the UNet alone is over 1 GB) and a
-later load fails for lack of memory. To load other models, restart the process.
+freed: loading the models again holds their card memory twice and a later load can fail for lack
+of it. To load other models, restart the process.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def device_count(provider: str | None = None) -> int | None:
     return count
 
 
-def check_device(device_id: int) -> str:
+def check_device(index: int) -> str:
     """Check the device index before any session is made; returns e.g. `0 of 1 AXCL card(s)`.
 
     ModelLoadError naming the index and how many devices were found when it is out of range, and
@@ -179,16 +181,15 @@ def check_device(device_id: int) -> str:
     count = device_count(provider)
     what = "AXCL card(s)" if provider == AXCLRT_PROVIDER else "on-board NPU"
     if count is None:
-        return f"{device_id} (card count unknown)"
+        return f"{index} (card count unknown)"
     if count == 0:
         raise ModelLoadError(f"no AXCL card found (pyaxengine sees 0 devices); {AXCL_CHECKS}")
-    if not 0 <= device_id < count:
+    if not 0 <= index < count:
         valid = "0" if count == 1 else f"0..{count - 1}"
         raise ModelLoadError(
-            f"device index {device_id} is out of range: axengine found {count} {what}; "
-            f"set DEVICE_ID to {valid}"
+            f"device index {index} is out of range: axengine found {count} {what}; set DEVICE_ID to {valid}"
         )
-    return f"{device_id} of {count} {what}"
+    return f"{index} of {count} {what}"
 
 
 # --- sessions ------------------------------------------------------------------------------------
