@@ -321,6 +321,23 @@ def test_broken_runtime_is_named_with_what_to_check(fake, pack: Path, fail, quot
     assert all(word in message for word in ("axcl-smi", "driver", "/dev/axcl_host"))
 
 
+def test_board_runtime_failure_is_named(fake, pack: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_AXE_FAIL", "init")
+    fake(providers=BOARD)
+    with pytest.raises(ModelLoadError, match=r"^the on-board NPU runtime failed to start: pyaxengine says "
+                                             r"'Failed to initialize ax sys.'; check that libax_engine.so"):
+        count_devices("axengine")
+
+
+def test_loading_a_model_twice_on_a_card_warns(fake, pack: Path, caplog) -> None:
+    fake()
+    axengine_backend.AxEngineSession(pack / "unet.axmodel")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    axengine_backend.AxEngineSession(pack / "unet.axmodel")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "unet.axmodel is loaded again on device 0" in warning and "restart the process" in warning
+
+
 def test_auto_on_an_empty_folder_expects_axmodels_when_axengine_imports(fake, tmp_path: Path) -> None:
     fake()
     files, backend = resolve_model_files(model_dir=tmp_path)
