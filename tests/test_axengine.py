@@ -165,6 +165,9 @@ def test_fake_run_restores_the_creating_threads_context(fake, pack: Path, monkey
         return result[0]
 
     assert first.run(None, IDS)[0].shape == (1, 77, 768)  # device 1's context was current: restored
+    card = sys.modules["axengine._axcl_card"]
+    device = card.current_context().device_id
+    assert card.execute(device, lambda: card._locks[device].locked()) == (0, True)  # one run per card
     assert on_new_thread(second) == (1, 77, 768)  # a thread that never set a context
     monkeypatch.setattr(sys.modules["axengine._axclrt"], "RESTORE_CONTEXT_ON_RUN", False)
     assert str(on_new_thread(first)).startswith("axclrtEngineExecute failed 0x")

@@ -37,10 +37,10 @@ from .session import ModelLoadError, Session, format_shape_dtype, format_specs
 __all__ = [  # UNetInputNames and the checks are re-exported for older imports
     "BACKENDS",
     "CheckLine",
-    "auto_backend",
     "LoadedModels",
     "ModelFiles",
     "UNetInputNames",
+    "auto_backend",
     "check_device",
     "check_models",
     "check_text_encoder",

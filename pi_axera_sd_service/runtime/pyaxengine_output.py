@@ -33,10 +33,13 @@ class _ThreadRoutedStdout:
 
     def write(self, text: str) -> int:
         buffer = self.buffers.get(threading.get_ident())
+        if buffer is None and self.target is None:  # no stdout at all: print() drops the text
+            return len(text)
         return (buffer if buffer is not None else self.target).write(text)
 
     def flush(self) -> None:
-        self.target.flush()
+        if self.target is not None:
+            self.target.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.target, name)
