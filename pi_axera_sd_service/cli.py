@@ -165,12 +165,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_check_models(args: argparse.Namespace) -> int:
-    """Check each model file against the I/O contract: one block per item ([OK] or [FAIL], its
-    inputs and outputs), then `all models OK` or `N problem(s) found`; exit 1 when anything is wrong."""
-    from pi_axera_sd_service.runtime.model_dir import check_models, format_check_lines
+    """The backend and why, then each model file against the I/O contract: one block per item
+    ([OK] or [FAIL], its inputs and outputs), then `all models OK` or `N problem(s) found`;
+    exit 1 when anything is wrong."""
+    from pi_axera_sd_service.runtime.model_dir import auto_backend, check_models, format_check_lines
 
     settings = settings_from_args(args)
+    _setup_logging(settings.log_level)  # LOG_LEVEL=debug shows what pyaxengine printed, per model
     files, backend = resolve_files(settings, model_dir=args.folder)
+    if args.folder is None and settings.demo:
+        why = "DEMO: the CPU demo pack"
+    elif settings.backend == "auto":
+        paths = {"model_dir": args.folder} if args.folder is not None else settings.model_paths()
+        why = "BACKEND=auto: " + auto_backend(**paths)[1]
+    else:
+        why = f"BACKEND={settings.backend}"
+    print(f"backend: {backend} ({why})")
     lines = check_models(files, backend, settings.device_id)
     print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
     if all(line.ok for line in lines):

@@ -266,7 +266,7 @@ SETUP_MESSAGES = [
     "engine ready: unet on axengine (max_queue=16)",
     "cannot load the models: ...",
     "serving the demo pack on the CPU",
-    "[FAIL] unet: models/unet.axmodel",
+    "[FAIL] unet: models/unet.axmodel (axengine)",
     "model file not found: models/unet.axmodel",
 ]
 

@@ -1,4 +1,4 @@
-"""Runtime layer: sessions, contract checks at load, model folders, the axengine adapter (via a fake)."""
+"""Runtime layer: sessions, contract checks at load, model folders (axengine: test_axengine.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from pi_axera_sd_service.runtime import axengine_backend
 from pi_axera_sd_service.runtime.demo_pack import make_demo_pack
 from pi_axera_sd_service.runtime.model_dir import (
     check_models,
@@ -26,7 +24,6 @@ from pi_axera_sd_service.runtime.model_dir import (
 from pi_axera_sd_service.runtime.onnx_backend import OnnxSession
 from pi_axera_sd_service.runtime.session import FeedError, ModelLoadError, prepare_feed
 
-FAKE_AXENGINE = Path(__file__).parent / "fake_axengine"
 TIME_NAME = "/down_blocks.0/resnets.0/act_1/Mul_output_0"
 
 
@@ -311,88 +308,3 @@ def test_unwritable_hash_cache_still_hashes_and_leaves_no_temp_files(
     a_file = tmp_path / "not_a_dir"
     a_file.write_text("x")
     assert file_sha256(model, a_file) == hashlib.sha256(b"abc").hexdigest()
-
-
-# --- axengine adapter through the fake module ----------------------------------------------------
-
-
-@pytest.fixture
-def fake_axengine(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(FAKE_AXENGINE))
-    monkeypatch.delitem(sys.modules, "axengine", raising=False)
-    axengine_backend.axengine_import_error.cache_clear()
-    import axengine
-
-    axengine.created.clear()
-    yield axengine
-    axengine_backend.axengine_import_error.cache_clear()
-
-
-def with_axmodels(pack: Path) -> Path:
-    """Add `.axmodel` siblings (the fake runs the `.onnx` next to them) and remove the `.onnx` names."""
-    for onnx_file in list(pack.rglob("*.onnx")):
-        shutil.copy(onnx_file, onnx_file.with_suffix(".axmodel"))
-    return pack
-
-
-def test_axengine_end_to_end_with_device_and_int32_ids(pack: Path, fake_axengine, monkeypatch) -> None:
-    card_node = pack / "axcl_host"
-    card_node.touch()
-    monkeypatch.setattr(axengine_backend, "AXCL_DEVICE_NODE", card_node)
-    with_axmodels(pack)
-    files, backend = resolve_model_files(model_dir=pack)
-    assert backend == "axengine" and files.unet.suffix == ".axmodel"
-    models = load_models(files, backend, device_id=3)
-    assert {c["provider"] for c in fake_axengine.created} == {"AXCLRTExecutionProvider"}
-    assert all(c["provider_options"] == [{"device_id": 3}] for c in fake_axengine.created)
-    assert len(fake_axengine.created) == 4
-    assert models.text_encoder.inputs[0].dtype == np.int32
-    ids = np.arange(77, dtype=np.int64)[None]  # int64 as a tokenizer gives: cast to int32 on the way in
-    on_npu = models.text_encoder.run({"input_ids": ids})[0]
-    on_cpu = OnnxSession(pack / "text_encoder/sd15_text_encoder_sim.onnx").run({"input_ids": ids})[0]
-    np.testing.assert_array_equal(on_npu, on_cpu)
-    names = models.unet_inputs
-    feed = {
-        names.sample: np.ones((1, 4, 64, 64), np.float64),  # float64 from numpy maths: cast, not asserted
-        names.time: models.time_inputs[:1],
-        names.context: on_npu,
-    }
-    assert models.unet.run(feed)[0].shape == (1, 4, 64, 64)
-
-
-def test_axengine_falls_back_to_the_board_provider(pack: Path, fake_axengine, monkeypatch) -> None:
-    monkeypatch.setattr(fake_axengine, "AVAILABLE_PROVIDERS", ["AxEngineExecutionProvider"])
-    with_axmodels(pack)
-    session = axengine_backend.AxEngineSession(pack / "unet.axmodel", device_id=1)
-    assert session.provider == "AxEngineExecutionProvider"
-    assert fake_axengine.created[-1]["provider_options"] == [{"device_id": 1}]
-
-
-def test_board_provider_is_preferred_without_the_card_device_node(
-    pack: Path, fake_axengine, monkeypatch
-) -> None:
-    # pyaxengine >= 0.1.3rc3: AXCLRT only when /dev/axcl_host exists (libaxcl_rt may be installed
-    # on a board that has no card)
-    monkeypatch.setattr(axengine_backend, "AXCL_DEVICE_NODE", pack / "no_such_device")
-    with_axmodels(pack)
-    assert axengine_backend.AxEngineSession(pack / "unet.axmodel").provider == "AxEngineExecutionProvider"
-    monkeypatch.setattr(fake_axengine, "AVAILABLE_PROVIDERS", ["AXCLRTExecutionProvider"])
-    assert axengine_backend.AxEngineSession(pack / "unet.axmodel").provider == "AXCLRTExecutionProvider"
-
-
-def test_missing_axengine_gives_install_hint(pack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "axengine", None)  # makes `import axengine` fail
-    axengine_backend.axengine_import_error.cache_clear()
-    try:
-        with pytest.raises(ModelLoadError, match="pyaxengine"):
-            axengine_backend.AxEngineSession(pack / "unet.onnx")
-        for onnx_file in list(pack.rglob("*.onnx")):  # only .axmodel files: auto cannot fall back
-            onnx_file.rename(onnx_file.with_suffix(".axmodel"))
-        with pytest.raises(ModelLoadError, match="axengine cannot be imported"):
-            resolve_model_files(model_dir=pack)
-    finally:
-        axengine_backend.axengine_import_error.cache_clear()
-
-
-def test_auto_uses_onnxruntime_without_axmodel_files(pack: Path, fake_axengine) -> None:
-    assert resolve_model_files(model_dir=pack)[1] == "onnxruntime"

@@ -18,6 +18,7 @@ TIMESTEPS = (999, 759, 499, 259)
 CONTEXT_SHAPE = (1, 77, 768)
 TIME_DIM = 1280
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+AXMODEL_INPUT_IDS_RULE = "the .axmodel text encoder must take int32 input_ids (the published models do)"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ def _first_output(session: Session, shape: tuple[int, ...], role: str) -> None:
 
 
 def check_text_encoder(session: Session) -> None:
-    """One int32/int64 [1,77] input -> float32 [1,77,768] as the first output."""
+    """One int32/int64 [1,77] input -> float32 [1,77,768] as the first output (int32 on axengine:
+    pyaxengine cannot feed int64)."""
     if len(session.inputs) != 1:
         raise ModelLoadError(
             f"{session.path}: text encoder inputs: expected one int32/int64[1,77] input, "
@@ -63,6 +65,10 @@ def check_text_encoder(session: Session) -> None:
     ids = session.inputs[0]
     if ids.dtype not in (np.int32, np.int64) or not _fits(ids, (1, 77)):
         raise _mismatch(session, f"text encoder input {ids.name!r}", ids, "int32[1,77] or int64[1,77]")
+    if session.backend == "axengine" and ids.dtype != np.int32:
+        raise ModelLoadError(
+            f"{session.path}: {AXMODEL_INPUT_IDS_RULE}; found {ids.describe()}", session.path
+        )
     _first_output(session, CONTEXT_SHAPE, "text encoder")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import (
+    AXMODEL_INPUT_IDS_RULE,
     TIMESTEPS,
     TOKENIZER_FILES,
     UNetInputNames,
@@ -39,16 +40,20 @@ __all__ = [  # UNetInputNames and the checks are re-exported for older imports
     "LoadedModels",
     "ModelFiles",
     "UNetInputNames",
+    "auto_backend",
+    "check_device",
     "check_models",
     "check_text_encoder",
     "check_tokenizer_dir",
     "check_unet",
     "check_vae_decoder",
     "check_vae_encoder",
+    "count_devices",
     "file_sha256",
     "format_check_lines",
     "load_models",
     "load_time_inputs",
+    "open_model",
     "open_session",
     "resolve_model_files",
 ]
@@ -110,22 +115,11 @@ def resolve_model_files(
     except what `auto` needs to decide (see `choose_backend`)."""
     if backend not in BACKENDS:
         raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    base = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
-    text_base = Path(text_model_dir) if text_model_dir is not None else base
-    explicit = {
-        "text_encoder": text_encoder_model,
-        "unet": unet_model,
-        "vae_decoder": vae_decoder_model,
-        "vae_encoder": vae_encoder_model,
-    }
-    stems = {
-        "text_encoder": text_base / TEXT_ENCODER_FILE,
-        "unet": base / "unet",
-        "vae_decoder": base / "vae_decoder",
-        "vae_encoder": base / "vae_encoder",
-    }
+    base, text_base = _bases(model_dir, text_model_dir)
+    explicit, stems = _model_paths(base, text_base, text_encoder_model, unet_model, vae_decoder_model,
+                                   vae_encoder_model)
     if backend == "auto":
-        backend = choose_backend(explicit, stems)
+        backend = choose_backend(explicit, stems)[0]
     suffix = SUFFIX[backend]
     paths = {
         role: Path(path) if path is not None else stems[role].with_suffix(suffix)
@@ -152,8 +146,40 @@ def resolve_model_files(
     return files, backend
 
 
-def choose_backend(explicit: dict[str, Path | None], stems: dict[str, Path]) -> str:
-    """axengine when importable and .axmodel files exist, else onnxruntime."""
+def _bases(model_dir: Path | None, text_model_dir: Path | None) -> tuple[Path, Path]:
+    """(MODEL_DIR or ./models, TEXT_MODEL_DIR or MODEL_DIR)."""
+    base = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+    return base, Path(text_model_dir) if text_model_dir is not None else base
+
+
+def _model_paths(
+    base: Path,
+    text_base: Path,
+    text_encoder_model: Path | None,
+    unet_model: Path | None,
+    vae_decoder_model: Path | None,
+    vae_encoder_model: Path | None,
+) -> tuple[dict[str, Path | None], dict[str, Path]]:
+    """(explicit file per role or None, the default path per role without its suffix)."""
+    explicit = {
+        "text_encoder": text_encoder_model,
+        "unet": unet_model,
+        "vae_decoder": vae_decoder_model,
+        "vae_encoder": vae_encoder_model,
+    }
+    stems = {
+        "text_encoder": text_base / TEXT_ENCODER_FILE,
+        "unet": base / "unet",
+        "vae_decoder": base / "vae_decoder",
+        "vae_encoder": base / "vae_encoder",
+    }
+    return explicit, stems
+
+
+def choose_backend(explicit: dict[str, Path | None], stems: dict[str, Path]) -> tuple[str, str]:
+    """(backend, why) for BACKEND=auto: axengine when importable and .axmodel files exist; onnxruntime
+    when only .onnx files exist; with no model files yet, axengine when importable (a Pi is told it
+    needs .axmodel files), else onnxruntime."""
     from .axengine_backend import axengine_import_error
 
     candidates = [Path(p) if p is not None else stems[role] for role, p in explicit.items()]
@@ -166,13 +192,46 @@ def choose_backend(explicit: dict[str, Path | None], stems: dict[str, Path]) -> 
     if present(".axmodel"):
         reason = axengine_import_error()
         if reason is None:
-            return "axengine"
+            return "axengine", ".axmodel files found and pyaxengine (axengine) is importable"
         if not present(".onnx"):
             raise ModelLoadError(
                 f".axmodel files found ({stems['unet'].parent}) but axengine cannot be imported: {reason}. "
                 "Install pyaxengine, or use BACKEND=onnxruntime with .onnx files."
             )
-    return "onnxruntime"
+        return "onnxruntime", f".onnx files found; the .axmodel files need axengine: {reason}"
+    if present(".onnx"):
+        return "onnxruntime", ".onnx files found and no .axmodel files"
+    reason = axengine_import_error()
+    if reason is None:
+        return "axengine", "no model files yet; pyaxengine is importable, so .axmodel files are expected"
+    return "onnxruntime", f"no model files yet and axengine cannot be imported ({reason})"
+
+
+def auto_backend(
+    model_dir: Path | None = None,
+    text_model_dir: Path | None = None,
+    text_encoder_model: Path | None = None,
+    unet_model: Path | None = None,
+    vae_decoder_model: Path | None = None,
+    vae_encoder_model: Path | None = None,
+    time_input_txt2img: Path | None = None,
+) -> tuple[str, str]:
+    """(backend, why) that BACKEND=auto picks for these settings (the same keywords as
+    resolve_model_files; the time input does not take part)."""
+    del time_input_txt2img
+    explicit_and_stems = _model_paths(*_bases(model_dir, text_model_dir), text_encoder_model, unet_model,
+                                      vae_decoder_model, vae_encoder_model)
+    return choose_backend(*explicit_and_stems)
+
+
+def count_devices(backend: str) -> int | None:
+    """How many NPUs `backend` can use: AXCL cards seen by axengine (1 on a board); None for
+    onnxruntime or when axengine cannot tell. ModelLoadError when the NPU runtime cannot start."""
+    if backend != "axengine":
+        return None
+    from .axengine_backend import device_count
+
+    return device_count()
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -194,6 +253,31 @@ def open_session(path: Path, backend: str, device_id: int = 0) -> Session:
     raise ModelLoadError(f"unknown backend {backend!r}", path)
 
 
+def open_model(role: str, path: Path, backend: str, device_id: int = 0) -> Session:
+    """open_session for one role of the model set: a text encoder axengine cannot read is refused
+    with the contract's words (pyaxengine only says "Unsupported data type")."""
+    try:
+        return open_session(path, backend, device_id)
+    except ModelLoadError as exc:
+        from .axengine_backend import UnsupportedTensorTypeError
+
+        if role == "text_encoder" and isinstance(exc, UnsupportedTensorTypeError):
+            raise ModelLoadError(
+                f"{path}: {AXMODEL_INPUT_IDS_RULE}; axengine cannot load this one: {exc.reason}", exc.path
+            ) from None
+        raise
+
+
+def check_device(backend: str, device_id: int) -> str | None:
+    """Before any session: the NPU runtime starts and `device_id` exists (ModelLoadError naming the
+    index and the device count otherwise). Returns e.g. `0 of 1 AXCL card(s)`; None on onnxruntime."""
+    if backend != "axengine":
+        return None
+    from . import axengine_backend
+
+    return axengine_backend.check_device(device_id)
+
+
 def load_models(
     files: ModelFiles,
     backend: str,
@@ -201,16 +285,21 @@ def load_models(
     wrap: Wrap | None = None,
     cache_dir: Path | None = None,
 ) -> LoadedModels:
-    """Load every model, check it against the contract, read the time rows (ModelLoadError on any fault)."""
+    """Load every model, check it against the contract, read the time rows (ModelLoadError on any fault).
+
+    Call it on the thread that will run the sessions (one call per device; see axengine_backend for
+    why), and once per process on axengine: pyaxengine never frees a session.
+    """
     check_tokenizer_dir(files.tokenizer_dir)
     time_inputs = load_time_inputs(files.time_input_txt2img)
     # Check all required files exist before spending seconds loading any of them.
     for path in (files.text_encoder, files.unet, files.vae_decoder):
         if not Path(path).is_file():
             raise missing_file_error(path)
+    check_device(backend, device_id)
 
     def load(role: str, path: Path) -> Session:
-        session = open_session(path, backend, device_id)
+        session = open_model(role, path, backend, device_id)
         return wrap(role, session) if wrap is not None else session
 
     text_encoder = load("text_encoder", files.text_encoder)
@@ -319,8 +408,15 @@ class CheckLine:
 
 
 def check_models(files: ModelFiles, backend: str, device_id: int = 0) -> list[CheckLine]:
-    """Check every file independently (one failure does not hide the others)."""
+    """Check every file independently (one failure does not hide the others).
+
+    On axengine the device is checked first (a `device` line); a runtime that cannot start or a
+    device index out of range raises ModelLoadError instead, as no model could load.
+    """
     lines: list[CheckLine] = []
+    device = check_device(backend, device_id)
+    if device is not None:
+        lines.append(CheckLine("device", device, backend, "-", "-", "OK"))
 
     def line(role: str, path: Path | None, inputs: str = "-", outputs: str = "-", status: str = "OK") -> None:
         lines.append(
@@ -351,7 +447,7 @@ def check_models(files: ModelFiles, backend: str, device_id: int = 0) -> list[Ch
             continue
         session = None
         try:
-            session = open_session(path, backend, device_id)
+            session = open_model(role, path, backend, device_id)
             if role == "text_encoder":
                 check_text_encoder(session)
             elif role == "unet":

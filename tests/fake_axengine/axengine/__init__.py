@@ -1,113 +1,48 @@
-"""Stand-in for pyaxengine (`import axengine`) backed by onnxruntime, for tests.
+"""Stand-in for pyaxengine 0.1.3 (`import axengine`) for tests: the real Python layer's observable
+behaviour, read from AXERA-TECH/pyaxengine (tag 0.1.3.rc3), over onnxruntime instead of an NPU.
 
-Same API as pyaxengine 0.1.3: `InferenceSession(path_or_bytes, sess_options=None, providers=None,
-provider_options=None, **kwargs)`, `get_inputs()/get_outputs()` -> NodeArg(.name, .shape list,
-.dtype numpy dtype), `get_providers()` -> str, `run(output_names, input_feed)` asserting exact shape
-and dtype, `get_available_providers()`. A path `x.axmodel` runs the sibling `x.onnx`; int64 inputs are
-reported as int32 (like the compiled text encoder) and converted back before onnxruntime runs.
-Every session created is recorded in `created` (path, provider, provider_options) for assertions.
+What it mirrors (each module says more):
+- import: `[INFO] Available providers:  [...]` on stdout; ImportError when no provider is found.
+- `InferenceSession(path_or_bytes, sess_options, providers, provider_options)`: provider selection
+  and its prints (`_session`), then the AXCLRT path (`_axclrt`: device list, out-of-range error,
+  per-thread context, SOC/VNPU/compiler prints) or the on-board path (`_axe`).
+- only 8/16/32-bit integer and float32 tensors load ("Unsupported data type" at session creation);
+  a failed session's `__del__` raises, which Python prints as "Exception ignored in ...".
+- `run()` asserts exact shape and dtype and returns fresh arrays.
+
+An `.axmodel` here is an ONNX file (see `fake_axengine/axmodels.py`), run on onnxruntime's CPU
+provider, so outputs are real. Knobs for tests (environment, read when used):
+  FAKE_AXENGINE_PROVIDERS  comma list of providers found (default: both, ordered as pyaxengine does)
+  FAKE_AXCL_DEVICES        number of AXCL cards (default 1)
+  FAKE_AXCL_FAIL           "init": axclInit fails; "dlopen": libaxcl_rt.so cannot be loaded
+  FAKE_AXE_FAIL            "init": the on-board runtime (AX_SYS_Init) fails
+Every session created is recorded in `created` (path, provider, provider_options, thread).
 """
 
-from __future__ import annotations
+from ._node import NodeArg
+from ._providers import (
+    axclrt_provider_name,
+    axengine_provider_name,
+    get_all_providers,
+    get_available_providers,
+)
+from ._record import created
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+if not get_available_providers():
+    raise ImportError(
+        f"No providers found. Please make sure you have installed one of the following: {get_all_providers()}"
+    )
+print("[INFO] Available providers: ", get_available_providers())
 
-import numpy as np
-import onnxruntime
+from ._session import InferenceSession, SessionOptions  # noqa: E402  (after the check, as pyaxengine)
 
-AVAILABLE_PROVIDERS: list[str] = ["AXCLRTExecutionProvider", "AxEngineExecutionProvider"]
-created: list[dict[str, Any]] = []
-
-_ORT_TO_NUMPY = {
-    "tensor(float)": np.dtype("float32"),
-    "tensor(int64)": np.dtype("int64"),
-    "tensor(int32)": np.dtype("int32"),
-}
-
-
-def get_available_providers() -> list[str]:
-    return list(AVAILABLE_PROVIDERS)
-
-
-@dataclass
-class NodeArg:
-    name: str
-    shape: list[int]
-    dtype: np.dtype
-
-
-class SessionOptions:
-    """Empty, as in pyaxengine."""
-
-
-class InferenceSession:
-    def __init__(
-        self,
-        path_or_bytes: str | bytes | os.PathLike,
-        sess_options: SessionOptions | None = None,
-        providers: str | list[Any] | None = None,
-        provider_options: list[dict[Any, Any]] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._provider = self._select(providers)
-        if isinstance(path_or_bytes, bytes):
-            source: Any = path_or_bytes
-        else:
-            path = Path(path_or_bytes)
-            if not path.is_file():
-                raise RuntimeError(f"load model failed: {path}")
-            source = str(path.with_suffix(".onnx") if path.suffix == ".axmodel" else path)
-        self._ort = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
-        self._ort_dtypes = {a.name: _ORT_TO_NUMPY[a.type] for a in self._ort.get_inputs()}
-        created.append(
-            {"path": path_or_bytes, "provider": self._provider, "provider_options": provider_options}
-        )
-
-    @staticmethod
-    def _select(providers: str | list[Any] | None) -> str:
-        available = get_available_providers()
-        if providers is None:
-            return available[0]
-        if isinstance(providers, str):
-            if providers not in available:
-                raise ValueError(f"Selected provider: '{providers}' is not available.")
-            return providers
-        for entry in providers:
-            name = entry[0] if isinstance(entry, tuple) else entry
-            if name in available:
-                return name
-        raise ValueError(f"Selected provider(s): {providers} is(are) not available.")
-
-    def get_providers(self) -> str:
-        return self._provider
-
-    def get_inputs(self, shape_group: int = 0) -> list[NodeArg]:
-        return [
-            NodeArg(a.name, list(a.shape), np.dtype("int32") if dtype == np.int64 else dtype)
-            for a, dtype in ((a, self._ort_dtypes[a.name]) for a in self._ort.get_inputs())
-        ]
-
-    def get_outputs(self, shape_group: int = 0) -> list[NodeArg]:
-        return [NodeArg(a.name, list(a.shape), _ORT_TO_NUMPY[a.type]) for a in self._ort.get_outputs()]
-
-    def run(
-        self,
-        output_names: list[str] | None,
-        input_feed: dict[str, np.ndarray],
-        run_options: object | None = None,
-        shape_group: int = 0,
-    ) -> list[np.ndarray]:
-        feed: dict[str, np.ndarray] = {}
-        for node in self.get_inputs(shape_group):
-            if node.name not in input_feed:
-                raise ValueError(f"input {node.name} not found in input_feed")
-            array = input_feed[node.name]
-            assert list(array.shape) == node.shape and array.dtype == node.dtype, (
-                f"model inputs({node.name}) expect shape {node.shape} and dtype {node.dtype}, "
-                f"however gets input with shape {list(array.shape)} and dtype {array.dtype}"
-            )
-            feed[node.name] = array.astype(self._ort_dtypes[node.name])
-        return list(self._ort.run(output_names, feed))
+__all__ = [
+    "InferenceSession",
+    "NodeArg",
+    "SessionOptions",
+    "axclrt_provider_name",
+    "axengine_provider_name",
+    "created",
+    "get_all_providers",
+    "get_available_providers",
+]
