@@ -7,6 +7,7 @@ tests wait on the DOM, never on a timing margin.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -186,6 +187,17 @@ def test_interrupt_stops_a_long_batch(open_page):
     assert page.locator("#gallery figure").count() < 8
 
 
+def test_skip_goes_on_with_the_rest_of_the_batch(open_page):
+    page = open_page(delay=UNET_DELAY_S)
+    _generate(page, "two boats", **{"Batch count": "2"})
+    page.wait_for_function("() => Number(document.getElementById('progress').dataset.image) === 1 &&"
+                           " Number(document.getElementById('progress').dataset.step) > 0")
+    page.get_by_role("button", name="Skip").click()
+    assert len(_wait_images(page, 2)) == 2
+    assert any(url.endswith("/sdapi/v1/skip") for url in page.requests)
+    assert "Interrupted" not in page.locator("#warnings").text_content()
+
+
 def test_img2img_from_an_uploaded_file(open_page, tmp_path):
     source = tmp_path / "source.png"
     Image.new("RGB", (300, 200), (200, 40, 40)).save(source)
@@ -223,8 +235,9 @@ def test_unsupported_steps_show_the_services_warning(open_page):
 
 def test_the_page_asks_nothing_beyond_the_service(open_page):
     page = open_page(live_previews=True, delay=UNET_DELAY_S)
-    _generate(page, "a quiet lake")
-    _wait_images(page, 1)
+    _generate(page, "a quiet lake", **{"Batch count": "2"})
+    page.wait_for_function("() => document.getElementById('live-preview').src.startsWith('data:image/png')")
+    _wait_images(page, 2)
     assert len(page.requests) > 5
     assert page.off_host == []
 
@@ -248,6 +261,33 @@ def test_busy_service_says_when_to_retry(open_page):
     second.wait_for_function("() => Number(document.getElementById('progress').dataset.step) > 0")
     second.get_by_role("button", name="Interrupt").click()
     second.wait_for_function("() => !document.getElementById('generate').disabled")
+
+
+def test_interrogate_button_follows_capabilities(open_page):
+    page = open_page()
+    _wait_ready(page)
+    assert page.get_by_role("button", name="Interrogate").is_hidden(), "no interrogation on this service"
+
+    def with_interrogation(route: Any) -> None:
+        caps = route.fetch().json()
+        route.fulfill(json={**caps, "interrogate": {"available": True}})
+
+    page.route("**/capabilities", with_interrogation)
+    page.route("**/sdapi/v1/interrogate", lambda route: route.fulfill(json={"caption": "a small red square"}))
+    page.reload()
+    _wait_ready(page)
+    page.get_by_role("tab", name="Image to image").click()
+    page.set_input_files("#init-file", files=[{"name": "a.png", "mimeType": "image/png",
+                                              "buffer": _png_bytes((64, 64))}])
+    page.wait_for_function("() => document.getElementById('init-preview').naturalWidth === 64")
+    page.get_by_role("button", name="Interrogate").click()
+    page.wait_for_function("() => document.getElementById('prompt').value === 'a small red square'")
+
+
+def _png_bytes(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_page_works_behind_basic_auth(open_page):

@@ -63,7 +63,9 @@ async function loadCapabilities() {
     ? `≤ 1: one pass; up to ${caps.max_cfg_scale} with guidance` : "guidance is off on this service";
   $("batch").max = caps.max_images_per_request;
   $("batch-hint").textContent = `up to ${caps.max_images_per_request} images`;
-  $("size-hint").textContent = `Images are ${caps.image_size.width}×${caps.image_size.height} (the models' size).`;
+  $("size").textContent = `${caps.image_size.width}×${caps.image_size.height}`;
+  $("size").title = "Every image is made at the models' size";
+  $("size").hidden = false;
   $("tab-img2img").hidden = !caps.modes.includes("img2img");
   $("interrogate").hidden = !(caps.interrogate && caps.interrogate.available);
 }
@@ -182,6 +184,7 @@ function showResult(response) {
   const gallery = $("gallery");
   for (const old of gallery.querySelectorAll("img")) URL.revokeObjectURL(old.src);
   gallery.replaceChildren();
+  gallery.classList.toggle("single", response.images.length === 1);
   response.images.forEach((base64, i) => {
     const seed = info.all_seeds[i];
     const url = pngBlobUrl(base64);
