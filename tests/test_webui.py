@@ -242,25 +242,29 @@ def test_the_page_asks_nothing_beyond_the_service(open_page):
     assert page.off_host == []
 
 
-def test_busy_service_says_when_to_retry(open_page):
+def test_busy_service_says_when_to_retry_and_a_waiting_request_can_leave(open_page):
     page = open_page(max_queue=1, delay=UNET_DELAY_S)
-    _wait_ready(page)
     # One job runs, one waits (max_queue=1): a third request is refused with a Retry-After.
-    blocker = page.context.new_page()
-    blocker.goto(page.server.url)
-    _generate(blocker, "first", **{"Batch count": "8"})
-    blocker.wait_for_function("() => Number(document.getElementById('progress').dataset.step) > 0")
-    second = page.context.new_page()
-    second.goto(page.server.url)
-    _generate(second, "second", **{"Batch count": "8"})
-    second.wait_for_function("() => Number(document.getElementById('progress').dataset.queue) === 1")
+    running, waiting = page.context.new_page(), page.context.new_page()
+    for other in (running, waiting):
+        other.set_default_timeout(TIMEOUT_MS)
+        other.goto(page.server.url)
+    _generate(running, "first", **{"Batch count": "8"})
+    running.wait_for_function("() => Number(document.getElementById('progress').dataset.step) > 0")
+    _generate(waiting, "second")
+    waiting.wait_for_function("() => Number(document.getElementById('progress').dataset.queue) === 1")
+    assert waiting.get_by_role("button", name="Skip").is_disabled(), "Skip would act on the running job"
     _generate(page, "third")
     page.wait_for_function("() => document.getElementById('message').textContent.includes('retry in')")
     assert "busy" in page.locator("#message").text_content()
-    blocker.get_by_role("button", name="Interrupt").click()
-    second.wait_for_function("() => Number(document.getElementById('progress').dataset.step) > 0")
-    second.get_by_role("button", name="Interrupt").click()
-    second.wait_for_function("() => !document.getElementById('generate').disabled")
+
+    waiting.get_by_role("button", name="Interrupt").click()  # not running yet: it leaves the queue
+    waiting.wait_for_function("() => document.getElementById('message').textContent.includes('Cancelled')")
+    page.wait_for_function("async () => (await (await fetch('internal/pending-tasks')).json()).size === 0",
+                           polling=200)
+    assert running.locator("#progress").is_visible(), "the running job was not interrupted"
+    running.get_by_role("button", name="Interrupt").click()
+    running.wait_for_function("() => !document.getElementById('generate').disabled")
 
 
 def test_interrogate_button_follows_capabilities(open_page):

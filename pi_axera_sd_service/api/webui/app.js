@@ -5,7 +5,10 @@ const $ = (id) => document.getElementById(id);
 const POLL_MS = 400;
 const MAX_SEED = 2 ** 32;
 
-const state = { mode: "txt2img", caps: null, initImage: null, taskId: null, previewId: -1 };
+// active: our task is the one running (Interrupt/Skip act on the running job, so only then);
+// waiting: the request that a queued task's Interrupt aborts (the service then drops the task).
+const state = { mode: "txt2img", caps: null, initImage: null, taskId: null, previewId: -1, active: false,
+                waiting: null };
 
 // ------------------------------------------------------------------ API helpers
 class ApiError extends Error {
@@ -16,9 +19,9 @@ class ApiError extends Error {
   }
 }
 
-async function api(path, body) {
+async function api(path, body, signal) {
   const init = body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
   };
   const response = await fetch(path, init);
   const text = await response.text();
@@ -137,7 +140,7 @@ function readFile(file) {
 function setRunning(running) {
   $("generate").disabled = running;
   $("interrupt").disabled = !running;
-  $("skip").disabled = !running;
+  setActive(false);
   $("progress").hidden = !running;
   if (!running) $("live-preview").hidden = true;
 }
@@ -154,6 +157,7 @@ async function pollProgress(taskId) {
     try {
       const p = await api("internal/progress", { id_task: taskId, id_live_preview: state.previewId, live_preview: true });
       if (state.taskId !== taskId) return;
+      setActive(p.active);
       if (p.active) {
         const s = (await api("sdapi/v1/progress?skip_current_image=true")).state;
         const eta = p.eta ? ` · ${Math.ceil(p.eta)} s left` : "";
@@ -173,6 +177,12 @@ async function pollProgress(taskId) {
   }
 }
 
+function setActive(active) {
+  state.active = active;
+  $("skip").disabled = !active;
+  $("interrupt").title = active ? "Stop this job (finished images are kept)" : "Cancel the waiting request";
+}
+
 // ------------------------------------------------------------------ results
 function pngBlobUrl(base64) {
   const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
@@ -186,7 +196,7 @@ function showResult(response) {
   gallery.replaceChildren();
   gallery.classList.toggle("single", response.images.length === 1);
   response.images.forEach((base64, i) => {
-    const seed = info.all_seeds[i];
+    const seed = info.all_seeds[i] ?? info.seed;
     const url = pngBlobUrl(base64);
     const card = document.createElement("figure");
     card.className = "card";
@@ -211,7 +221,7 @@ function showResult(response) {
     reuse.addEventListener("click", () => { setInitImage(`data:image/png;base64,${base64}`); setMode("img2img"); });
     caption.append(seedLabel, download, reuse);
     card.append(img, caption);
-    card.addEventListener("mouseenter", () => { $("infotext").textContent = info.infotexts[i]; });
+    card.addEventListener("mouseenter", () => { $("infotext").textContent = info.infotexts[i] || ""; });
     gallery.append(card);
   });
   const notes = [...(info.warnings || [])];
@@ -238,11 +248,14 @@ async function generate(event) {
   const taskId = state.taskId;
   drawProgress(0, "Starting…", { step: 0, steps: 0, image: 0, images: 0, queue: "" });
   setRunning(true);
+  state.waiting = new AbortController();
   const poller = pollProgress(taskId);
   try {
-    showResult(await api(`sdapi/v1/${state.mode}`, requestBody()));
+    showResult(await api(`sdapi/v1/${state.mode}`, requestBody(), state.waiting.signal));
   } catch (err) {
-    if (err.status === 503) {
+    if (err.name === "AbortError") {
+      showMessage("Cancelled while waiting in the queue.", "busy");
+    } else if (err.status === 503) {
       const wait = err.retryAfter ? `retry in ${err.retryAfter} s` : "retry shortly";
       showMessage(`The service is busy: ${wait}. (${err.message})`, "busy");
     } else {
@@ -250,9 +263,15 @@ async function generate(event) {
     }
   } finally {
     state.taskId = null;
+    state.waiting = null;
     await poller;
     setRunning(false);
   }
+}
+
+function interrupt() {
+  if (state.active) control("sdapi/v1/interrupt");
+  else if (state.waiting) state.waiting.abort();  // not running yet: leave the queue
 }
 
 async function control(path) {
@@ -273,7 +292,7 @@ function wire() {
   for (const tab of document.querySelectorAll("[data-mode]")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   $("seed-random").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * MAX_SEED); });
   $("seed-reset").addEventListener("click", () => { $("seed").value = -1; });
-  $("interrupt").addEventListener("click", () => control("sdapi/v1/interrupt"));
+  $("interrupt").addEventListener("click", interrupt);
   $("skip").addEventListener("click", () => control("sdapi/v1/skip"));
   $("interrogate").addEventListener("click", interrogate);
   $("denoising").addEventListener("input", () => { $("denoising-out").textContent = $("denoising").value; });
