@@ -247,6 +247,7 @@ async function generate(event) {
   state.previewId = -1;
   const taskId = state.taskId;
   drawProgress(0, "Starting…", { step: 0, steps: 0, image: 0, images: 0, queue: "" });
+  for (const empty of $("gallery").querySelectorAll(".empty")) empty.remove();
   setRunning(true);
   state.waiting = new AbortController();
   const poller = pollProgress(taskId);
