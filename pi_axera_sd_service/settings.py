@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(8000, description="Longest prompt or negative prompt, in characters")
     shutdown_timeout: float = Field(30.0, description="Seconds the running job may take on SIGTERM")
 
+    # --- web page ---
+    ui: bool = Field(True, description="Serve the web page at / (--no-ui for headless deployments)")
+
     # --- progress and logs ---
     live_previews: bool = Field(False, description="Decode x0 previews for /progress (costs a VAE decode)")
     show_progress_every_n_steps: int = Field(1, ge=1, description="Preview period in steps")

@@ -22,7 +22,7 @@ from ..service.engine import ClientDisconnectedError, Engine, ServiceUnavailable
 from ..settings import Settings
 from .errors import a1111_body, generate_error_for, sdapi_error_for
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware, Scope
-from .routers import generate, internal, sdapi
+from .routers import generate, internal, sdapi, ui
 
 
 def _route_label_for(app: FastAPI, routers: list[APIRouter]):
@@ -121,10 +121,11 @@ def create_app(
         finally:
             await asyncio.to_thread(engine.shutdown, settings.shutdown_timeout)
 
-    app = FastAPI(title="pi_axera_sd_service", lifespan=lifespan)
+    # docs_url/redoc_url off: routers.ui serves both from vendored files (FastAPI's load from a CDN)
+    app = FastAPI(title="pi_axera_sd_service", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.engine = engine
-    routers = [generate.router, sdapi.router, internal.router]
+    routers = [generate.router, sdapi.router, internal.router, *ui.routers(settings)]
     for router in routers:
         app.include_router(router)
     _install_error_handlers(app)
