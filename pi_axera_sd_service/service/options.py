@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..settings import Settings
-from .request import RequestError
+from .errors import RequestError
 
 if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels
