@@ -14,6 +14,7 @@ from pi_axera_sd_service.service.capabilities import CapabilityTable
 from pi_axera_sd_service.service.errors import CapabilityError
 from pi_axera_sd_service.service.plan import GenerationPlan
 from pi_axera_sd_service.service.request import GenerationRequest, from_sdapi
+from pi_axera_sd_service.service.results import extra_generation_params
 from pi_axera_sd_service.settings import Settings
 
 POLICIES = [False, True]
@@ -213,8 +214,10 @@ def test_override_settings_apply_to_that_request_only() -> None:
     options = {"emphasis": "Original", "samples_format": "png", "jpeg_quality": 80}
     ran = table.apply(req(override_settings={"emphasis": "No norm", "samples_format": "webp"}), options)
     assert (ran.emphasis, ran.samples_format, ran.warnings) == ("No norm", "webp", ())
+    assert extra_generation_params(ran) == {"Emphasis": "No norm"}  # in the infotext only when not Original
     assert options["emphasis"] == "Original"
     assert table.apply(req(), options).emphasis == "Original"
+    assert extra_generation_params(table.apply(req(), options)) == {}
 
 
 # ---------------------------------------------------------------- what clients send by default

@@ -1,4 +1,4 @@
-"""LCM scheduler math in numpy (diffusers `LCMScheduler.step`, done by hand; pipeline.md §3).
+"""LCM scheduler math in numpy (diffusers `LCMScheduler.step`, done by hand).
 
 Only the four timesteps the compiled UNet has time-embedding rows for exist: (999, 759, 499, 259).
 Everything is float32, as the NPU sessions require.
@@ -11,7 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
-TIMESTEPS: tuple[int, ...] = (999, 759, 499, 259)
+from ..runtime.contract import TIMESTEPS
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
 BETA_END = 0.012
