@@ -273,3 +273,39 @@ def test_log_redaction_covers_image_fields_of_any_length_and_nested_values():
     assert redact(params)["alwayson_scripts"]["ControlNet"]["args"][0]["module"] == "canny"
     assert redact(params)["override_settings"]["sd_vae"] == "Automatic"
     assert redact(params)["mask"] == f"<base64: {len(short)} chars>"
+
+
+def test_every_route_gives_the_one_not_ready_answer_while_loading(demo_models, settings_factory):
+    """Generation, options and /capabilities answer the same 503 + Retry-After, each in its route's shape."""
+    from fastapi.testclient import TestClient
+
+    from pi_axera_sd_service.api.app import create_app
+
+    release = threading.Event()
+
+    class SlowLoadingEngine(Engine):
+        def start(self) -> None:
+            release.wait(10)
+            super().start()
+
+    settings = settings_factory()
+    with TestClient(create_app(settings, SlowLoadingEngine(settings, models=demo_models),
+                               load_in_background=True)) as client:
+        answers = {
+            "generate": client.post("/generate", json={"mode": "txt2img", "prompt": "a fox"}),
+            "txt2img": client.post("/sdapi/v1/txt2img", json={"prompt": "a fox"}),
+            "options": client.get("/sdapi/v1/options"),
+            "set options": client.post("/sdapi/v1/options", json={"jpeg_quality": 90}),
+            "capabilities": client.get("/capabilities"),
+        }
+        release.set()
+        deadline = time.monotonic() + 10
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert {name: (r.status_code, r.headers.get("Retry-After")) for name, r in answers.items()} == {
+        name: (503, "5") for name in answers
+    }
+    assert answers["generate"].json() == {"status": "error", "error": "Models are still loading"}
+    for name in ("txt2img", "options", "set options", "capabilities"):
+        body = answers[name].json()
+        assert (body["error"], body["detail"]) == ("NotReadyError", "Models are still loading"), name

@@ -110,8 +110,9 @@ class Engine:
         self.capabilities = CapabilityTable.from_models(self.models, self.settings)
         self.options = OptionsStore(self.settings, self.models)
         self._runner = JobRunner.for_models(self.models, self.progress, self._preview_period)
-        self._worker = Worker(self.queue, self._run_job)
-        self._worker.start()
+        worker = Worker(self.queue, self._run_job)
+        worker.start()
+        self._worker = worker   # set once running: `started` and shutdown's join see a live thread
         log.info("engine ready: %s on %s (max_queue=%d)", self.models.model_name, self.models.backend,
                  self.settings.max_queue)
 
