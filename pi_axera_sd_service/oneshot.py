@@ -178,7 +178,8 @@ def add_upstream_arguments(
 ) -> None:
     """The flags python/run_txt2img.py and run_img2img.py share with upstream, plus --backend and --demo.
 
-    Upstream defaults; model files left unset come from `./models`.
+    Upstream defaults (`run_txt2img_axe_infer.py`, `run_img2img_axe_infer.py`); model files left
+    unset come from `./models`.
     """
     parser.add_argument("--prompt", default=prompt)
     parser.add_argument("--text_model_dir", default="./models/", help="holds tokenizer/ and text_encoder/")

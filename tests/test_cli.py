@@ -370,7 +370,8 @@ def _script_args(name: str, argv: list[str]) -> Any:
 
 
 def test_upstream_scripts_keep_the_upstream_flags_and_defaults() -> None:
-    """The upstream run_*_axe_infer.py flag names and defaults (model files default to ./models)."""
+    """Upstream run_txt2img_axe_infer.py / run_img2img_axe_infer.py: same flag names and defaults
+    (model files default to ./models)."""
     txt = _script_args("run_txt2img", [])
     assert txt["prompt"] == "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
     assert (txt["text_model_dir"], txt["save_dir"]) == ("./models/", "./txt2img_output_axe.png")

@@ -1,4 +1,4 @@
-"""LCM scheduler: schedule constants (scaled_linear betas, boundary scalings), schedules, step math."""
+"""LCM scheduler: constants of diffusers' LCMScheduler for SD1.5, schedules, and step math."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pi_axera_sd_service.pipeline.scheduler import (
     txt2img_timesteps,
 )
 
-# diffusers LCMScheduler values: t, ᾱ, √ᾱ, √(1−ᾱ), c_skip, c_out
+# diffusers LCMScheduler (scaled_linear betas 0.00085..0.012, 1000 steps): t, ᾱ, √ᾱ, √(1−ᾱ), c_skip, c_out
 TABLE = [
     (999, 0.0046601, 0.068265, 0.997667, 2.5e-9, 0.999999999),
     (759, 0.0522129, 0.228501, 0.973544, 4.3e-9, 0.999999998),

@@ -1,6 +1,6 @@
 """Pydantic request/response models of the HTTP API, kept apart from the handlers.
 
-The /sdapi models follow A1111's generated API models (StableDiffusionProcessing*): every field Optional,
+The /sdapi models follow A1111's generated models (`modules/api/models.py`): every field Optional,
 nulls accepted, unknown keys ignored, A1111's defaults (the response echoes them). What the
 service actually runs is decided later by the capability table, not by these defaults.
 """

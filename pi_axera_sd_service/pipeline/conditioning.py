@@ -21,7 +21,7 @@ from .prompt_parser import (
 )
 from .tokenizer import ClipTokenizer
 
-EMPHASIS_MODES = ("Original", "No norm", "None", "Ignore")   # A1111's `emphasis` option values
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 EXTRA_NETWORK_WARNING = (
     "LoRA/hypernetwork tags cannot be applied: weights are compiled into the NPU models ({tags} ignored)"
 )

@@ -1,4 +1,4 @@
-"""The SD1.5-LCM model I/O contract: checks of loaded sessions and the time rows.
+"""The SD1.5-LCM model I/O contract (models/README.md): checks of loaded sessions and the time rows.
 
 Every failure is a ModelLoadError whose message names the file, the input or output, what was
 expected and what was found.
