@@ -33,6 +33,26 @@ from .contract import (
 )
 from .session import ModelLoadError, Session, format_shape_dtype, format_specs
 
+__all__ = [  # UNetInputNames and the checks are re-exported for older imports
+    "BACKENDS",
+    "CheckLine",
+    "LoadedModels",
+    "ModelFiles",
+    "UNetInputNames",
+    "check_models",
+    "check_text_encoder",
+    "check_tokenizer_dir",
+    "check_unet",
+    "check_vae_decoder",
+    "check_vae_encoder",
+    "file_sha256",
+    "format_check_lines",
+    "load_models",
+    "load_time_inputs",
+    "open_session",
+    "resolve_model_files",
+]
+
 TEXT_ENCODER_FILE = "text_encoder/sd15_text_encoder_sim"
 SUFFIX = {"axengine": ".axmodel", "onnxruntime": ".onnx"}
 BACKENDS = ("auto", "axengine", "onnxruntime")
