@@ -38,6 +38,7 @@ from pi_axera_sd_service.settings import (
 PROG = "pi-axera-sd"
 SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install-service")
 RUNTIME_FIELDS = (*MODEL_PATH_FIELDS, "backend", "device_id", "demo", "cache_dir", "log_level")
+POLICY_FIELDS = ("strict", "guidance", "max_cfg_scale", "max_and_prompts")  # the capability table's settings
 log = logging.getLogger("pi_axera_sd_service.cli")
 
 
@@ -145,7 +146,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """One-shot generation to a PNG file."""
+    """One-shot generation to a PNG file, through the service's capability table (same warnings)."""
     settings = settings_from_args(args)
     _setup_logging(settings.log_level)
     result = generate_image(
@@ -210,6 +211,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used by the docs generator)."""
+    from pi_axera_sd_service.service.request import UPSTREAM_DENOISING_STRENGTH
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="SD1.5-LCM on the Axera AX650N NPU behind the A1111 WebUI API. "
@@ -226,14 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt")
     gen.add_argument("--negative-prompt", default="", help="negative prompt (used when --cfg-scale > 1)")
     gen.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default)")
-    gen.add_argument("--steps", type=int, default=4, help="1..4 LCM steps (img2img: the schedule length)")
-    gen.add_argument("--cfg-scale", type=float, default=1.0, help="<= 1: one UNet pass per step (default 1)")
+    gen.add_argument("--steps", type=int, help="LCM steps (img2img: the schedule length); default and "
+                     "maximum: the time rows the models have; more are clamped with a warning")
+    gen.add_argument("--cfg-scale", type=float, help="<= 1: one UNet pass per step (default 1); above "
+                     "MAX_CFG_SCALE it is clamped with a warning, as the service")
     gen.add_argument("--init-image", type=Path, help="init image file: img2img instead of txt2img")
-    gen.add_argument("--denoising-strength", type=float, default=0.5, help="img2img strength (default 0.5)")
+    gen.add_argument("--denoising-strength", type=float,
+                     help=f"img2img strength (default {UPSTREAM_DENOISING_STRENGTH:g})")
     gen.add_argument("--resize-mode", type=int, default=0, choices=(0, 1, 2),
                      help="img2img: 0 stretch, 1 crop and resize, 2 resize and fill")
     gen.add_argument("--output", "-o", type=Path, default=Path("output.png"), help="PNG file to write")
-    add_settings_arguments(gen, RUNTIME_FIELDS)
+    add_settings_arguments(gen, (*RUNTIME_FIELDS, *POLICY_FIELDS))
     gen.set_defaults(func=cmd_generate)
 
     check = sub.add_parser("check-models", help="verify model files against the I/O contract",

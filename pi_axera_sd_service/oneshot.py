@@ -1,7 +1,8 @@
-"""One image without the service: `pi-axera-sd generate` and `python/run_*.py`.
+"""One image without HTTP: `pi-axera-sd generate` and `python/run_*.py`.
 
-The same code path as the service: an ImageJob through Pipeline.generate, written as a PNG that
-carries the A1111 infotext. The upstream scripts' flags (`add_upstream_arguments`) and their
+The service's path without the queue: `from_cli` -> CapabilityTable.apply -> GenerationPlan ->
+JobRunner (Pipeline) -> encode_images, so the same input gives the same pixels, warnings and
+infotext as POST /generate. The upstream scripts' flags (`add_upstream_arguments`) and their
 translation to Settings (`upstream_settings`) live here too, so both scripts share them.
 Imports point downward only: this module uses settings, service, pipeline and runtime, never the CLI.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from pi_axera_sd_service.settings import Settings, cli_flag, env_name
 
 UPSTREAM_BACKENDS = {"axe": "axengine", "onnx": "onnxruntime"}  # upstream launcher.py's names
+CLI_FLAGS = {"mode": "--init-image", "init_images": "--init-image"}  # request fields named otherwise
 
 
 class CliError(Exception):
@@ -80,74 +81,48 @@ def read_init_image(path: Path, max_pixels: int) -> Any:
 def generate_image(
     settings: Settings,
     *,
-    prompt: str,
     output: Path,
-    negative_prompt: str = "",
-    seed: int = -1,
-    steps: int = 4,
-    cfg_scale: float = 1.0,
     init_image: Path | None = None,
-    denoising_strength: float = 0.5,
-    resize_mode: int = 0,
     files: tuple[Any, str] | None = None,
+    **request_fields: Any,
 ) -> GenerateResult:
-    """One txt2img (or img2img with `init_image`) through Pipeline.generate, written as a PNG.
-
-    `seed` < 0 draws a random one. The PNG carries the A1111 infotext (`parameters` chunk), as the
-    service's images do; its pixels equal the service's for the same seed, prompt and steps.
+    """One txt2img (or img2img with `init_image`) through the capability table and the pipeline,
+    written as a PNG carrying the A1111 infotext. `request_fields` are `from_cli`'s (prompt, seed,
+    steps, ...); None (or a negative seed) means the service's default.
     """
-    from pi_axera_sd_service.pipeline.generate import ImageJob, Pipeline
-    from pi_axera_sd_service.pipeline.images import encode_image, resize_image
-    from pi_axera_sd_service.pipeline.scheduler import img2img_timesteps, txt2img_timesteps
-    from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
-    from pi_axera_sd_service.service.infotext import create_infotext
+    from pi_axera_sd_service.service.capabilities import CapabilityTable
+    from pi_axera_sd_service.service.errors import RequestError
+    from pi_axera_sd_service.service.options import CheckpointInfo
+    from pi_axera_sd_service.service.progress import ProgressState
+    from pi_axera_sd_service.service.request import from_cli
+    from pi_axera_sd_service.service.results import encode_images
+    from pi_axera_sd_service.service.runner import JobRunner
 
-    if not 1 <= steps <= 4:
-        raise CliError(f"--steps must be 1..4 (time rows exist for 999, 759, 499, 259), got {steps}")
-    if init_image is not None and not 0.0 <= denoising_strength <= 1.0:
-        raise CliError(f"--denoising-strength must be in [0, 1], got {denoising_strength}")
-    seed = secrets.randbelow(2**32) if seed is None or seed < 0 else seed
     init = read_init_image(init_image, settings.max_init_image_pixels) if init_image is not None else None
-
     started = time.perf_counter()
     models = _load_models(settings, files)
     load_ms = (time.perf_counter() - started) * 1000
-    if init is not None:
-        if models.vae_encoder is None:
-            raise CliError("img2img needs a VAE encoder model (--vae-encoder-model / VAE_ENCODER_MODEL)")
-        init = resize_image(init, resize_mode, *models.image_size)
-        timesteps = img2img_timesteps(denoising_strength, steps)
-    else:
-        timesteps = txt2img_timesteps(steps)
-
-    job = ImageJob(
-        prompt=prompt, negative_prompt=negative_prompt, seed=seed, subseed=0, subseed_strength=0.0,
-        timesteps=list(timesteps), cfg_scale=cfg_scale, init_image=init,
-        max_and_prompts=settings.max_and_prompts,
-    )
-    result = Pipeline(models, ClipTokenizer.from_dir(models.tokenizer_dir)).generate(job)
+    try:
+        request = from_cli(settings, init_image=init, **request_fields)
+        plan = CapabilityTable.from_models(models, settings).apply(request)
+    except RequestError as exc:
+        flag = CLI_FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+        raise CliError(f"{flag}: {exc.message}") from None
+    result = JobRunner.for_models(models, ProgressState()).run(plan)
 
     encode_start = time.perf_counter()
-    infotext = create_infotext(
-        prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler="LCM",
-        scheduler_label="Automatic", cfg_scale=cfg_scale, seed=seed,
-        width=result.image.width, height=result.image.height,
-        model_hash=models.model_sha256[:10], model_name=models.model_name,
-        denoising_strength=denoising_strength if init is not None else None,
-    )
-    data = encode_image(result.image, "png", infotext, png_compress_level=settings.png_compress_level)
+    blobs, _ = encode_images(result, CheckpointInfo.from_models(models), settings.png_compress_level)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(data)
+    output.write_bytes(blobs[0])
     done = time.perf_counter()
     timings = {
         "load_models": load_ms,
-        **result.timings_ms,
+        **result.image_timings_ms[0],
         "image_encode": (done - encode_start) * 1000,
         "total": (done - started) * 1000,
     }
-    mode = "img2img" if init is not None else "txt2img"
-    return GenerateResult(output, seed, timings, list(result.warnings), mode)
+    return GenerateResult(output, result.seeds[0], timings, list(result.warnings), plan.mode)
 
 
 def _load_models(settings: Settings, files: tuple[Any, str] | None) -> Any:

@@ -94,6 +94,14 @@ class Settings(BaseSettings):
         return any(value is not None for value in self.model_paths().values())
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_exposed(host: str) -> bool:
+    """True when a server bound to `host` is reachable from other machines (not loopback)."""
+    return host not in LOOPBACK_HOSTS and not host.startswith("127.")
+
+
 def cli_flag(field_name: str) -> str:
     """`max_queue` -> `--max-queue`."""
     return "--" + field_name.replace("_", "-")

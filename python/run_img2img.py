@@ -24,6 +24,7 @@ from pi_axera_sd_service.oneshot import (  # noqa: E402
     print_result,
     upstream_settings,
 )
+from pi_axera_sd_service.service.request import UPSTREAM_DENOISING_STRENGTH  # noqa: E402
 
 DEFAULT_INIT_IMAGE = "./models/img2img-init.png"
 DEFAULT_PROMPT = "Astronauts in a jungle, cold color palette, muted colors, detailed, 8k"
@@ -35,7 +36,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_upstream_arguments(p, prompt=DEFAULT_PROMPT, save_dir="./img2img_output_axe.png", img2img=True)
     p.add_argument("--init_image", default=None, help=f"init image (default {DEFAULT_INIT_IMAGE})")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0, as upstream; -1: random)")
-    p.add_argument("--denoising_strength", type=float, default=0.5, help="0.25/0.5/0.75/1 run 1/2/3/4 steps")
+    p.add_argument("--denoising_strength", type=float, default=UPSTREAM_DENOISING_STRENGTH,
+                   help=f"0.25/0.5/0.75/1 run 1/2/3/4 steps (default {UPSTREAM_DENOISING_STRENGTH:g})")
     return p.parse_args(argv)
 
 

@@ -19,11 +19,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from pi_axera_sd_service.runtime.demo_pack import make_demo_pack
-from pi_axera_sd_service.runtime.model_dir import LoadedModels, load_models, resolve_model_files
+from pi_axera_sd_service.runtime.model_dir import LoadedModels, Wrap, load_models, resolve_model_files
 from pi_axera_sd_service.runtime.session import Session
 from pi_axera_sd_service.settings import Settings
-
-Wrap = Callable[[str, Session], Session]
 
 
 class ScriptedSession:

@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 
 from pi_axera_sd_service.api.protocol import Img2ImgRequest, Txt2ImgRequest
-from pi_axera_sd_service.service.capabilities import CapabilityError, CapabilityTable
+from pi_axera_sd_service.service.capabilities import CapabilityTable
+from pi_axera_sd_service.service.errors import CapabilityError
+from pi_axera_sd_service.service.plan import GenerationPlan
 from pi_axera_sd_service.service.request import GenerationRequest, from_sdapi
+from pi_axera_sd_service.service.results import extra_generation_params
 from pi_axera_sd_service.settings import Settings
 
 POLICIES = [False, True]
@@ -36,7 +39,7 @@ def sdapi(mode: str, payload: dict[str, Any], tmp_path: Path) -> GenerationReque
     return from_sdapi(mode, model.model_dump(), model.model_fields_set, Settings(state_dir=tmp_path))
 
 
-def outcome(table: CapabilityTable, request: GenerationRequest) -> GenerationRequest | CapabilityError:
+def outcome(table: CapabilityTable, request: GenerationRequest) -> GenerationPlan | CapabilityError:
     try:
         return table.apply(request)
     except CapabilityError as exc:
@@ -46,8 +49,8 @@ def outcome(table: CapabilityTable, request: GenerationRequest) -> GenerationReq
 # ---------------------------------------------------------------- clamps: warn when lenient, 422 when strict
 CLAMPS = [
     ("width", dict(width=768, height=576), lambda r: (r.width, r.height) == (512, 512)),
-    ("steps", dict(steps=20), lambda r: r.steps == 4 and r.timesteps == [999, 759, 499, 259]),
-    ("steps", dict(steps=0), lambda r: r.steps == 1 and r.timesteps == [999]),
+    ("steps", dict(steps=20), lambda r: r.steps == 4 and r.timesteps == (999, 759, 499, 259)),
+    ("steps", dict(steps=0), lambda r: r.steps == 1 and r.timesteps == (999,)),
     ("cfg_scale", dict(cfg_scale=7.0), lambda r: r.cfg_scale == 2.0),
     (
         "n_iter",
@@ -64,7 +67,7 @@ CLAMPS = [
     (
         "denoising_strength",
         dict(mode="img2img", denoising_strength=0.0),
-        lambda r: 0 < r.denoising_strength <= 0.05 and r.timesteps == [259],
+        lambda r: 0 < r.denoising_strength <= 0.05 and r.timesteps == (259,),
     ),
     ("sampler_name", dict(sampler_name="Euler a"), lambda r: r.sampler_name == "LCM"),
 ]
@@ -78,7 +81,7 @@ def test_clamped_fields_warn_or_reject(strict: bool, field: str, fields: dict, c
         assert isinstance(result, CapabilityError) and result.field == field
         assert result.status_code == 422
     else:
-        assert isinstance(result, GenerationRequest) and check(result)
+        assert isinstance(result, GenerationPlan) and check(result)
         assert any(field in w for w in result.warnings), result.warnings
 
 
@@ -110,7 +113,7 @@ def test_warned_fields_never_fail(strict: bool, fields: dict, needle: str) -> No
 def test_resize_mode_3_runs_as_0_and_others_are_rejected(strict: bool) -> None:
     assert make_table(strict).apply(req(mode="img2img", resize_mode=3)).resize_mode == 0
     for mode in (1, 2):
-        assert make_table(strict).apply(req(mode="img2img", resize_mode=mode)).warnings == []
+        assert make_table(strict).apply(req(mode="img2img", resize_mode=mode)).warnings == ()
     with pytest.raises(CapabilityError) as err:
         make_table(strict).apply(req(mode="img2img", resize_mode=7))
     assert err.value.field == "resize_mode"
@@ -155,25 +158,25 @@ def test_img2img_needs_the_vae_encoder() -> None:
 )
 def test_steps_use_the_stored_rows(strict: bool, steps: int | None, rows: list[int]) -> None:
     result = make_table(strict).apply(req(steps=steps))
-    assert result.timesteps == rows and result.warnings == []
+    assert list(result.timesteps) == rows and result.warnings == ()
 
 
 @pytest.mark.parametrize(
     ("strength", "rows"), [(1.0, [999, 759, 499, 259]), (0.5, [499, 259]), (0.25, [259])]
 )
 def test_img2img_runs_the_tail_of_the_schedule(strength: float, rows: list[int]) -> None:
-    assert make_table().apply(req(mode="img2img", denoising_strength=strength)).timesteps == rows
+    assert list(make_table().apply(req(mode="img2img", denoising_strength=strength)).timesteps) == rows
 
 
 @pytest.mark.parametrize("strict", POLICIES)
 @pytest.mark.parametrize("name", ["LCM", "lcm", "k_lcm", "LCM Automatic", None])
 def test_lcm_names_are_silent(strict: bool, name: str | None) -> None:
-    assert make_table(strict).apply(req(sampler_name=name, scheduler="automatic")).warnings == []
+    assert make_table(strict).apply(req(sampler_name=name, scheduler="automatic")).warnings == ()
 
 
 def test_guidance_range_and_guidance_off() -> None:
     ran = make_table().apply(req(cfg_scale=1.5, negative_prompt="blurry"))
-    assert ran.cfg_scale == 1.5 and ran.warnings == []
+    assert ran.cfg_scale == 1.5 and ran.warnings == ()
     off = make_table(guidance="off").apply(req(cfg_scale=1.5))
     assert off.cfg_scale == 1.0 and any("guidance=off" in w for w in off.warnings)
     assert make_table(strict=True, guidance="off").apply(req(cfg_scale=1.5)).cfg_scale == 1.0
@@ -183,17 +186,17 @@ def test_guidance_range_and_guidance_off() -> None:
 def test_seeds_follow_a1111() -> None:
     table = make_table()
     fixed = table.apply(req(seed=100, subseed=7, batch_size=2, n_iter=2))
-    assert fixed.all_seeds == [100, 101, 102, 103] and fixed.all_subseeds == [7, 8, 9, 10]
+    assert fixed.all_seeds == (100, 101, 102, 103) and fixed.all_subseeds == (7, 8, 9, 10)
     varied = table.apply(req(seed="100", subseed=7, subseed_strength=0.3, batch_size=3))
-    assert varied.all_seeds == [100, 100, 100]
+    assert varied.all_seeds == (100, 100, 100)
     for empty in (-1, None, ""):
         drawn = table.apply(req(seed=empty, batch_size=2))
         assert 0 <= drawn.seed < 2**32 and drawn.all_seeds[1] == drawn.seed + 1
     top = table.apply(req(seed=2**32 - 1, n_iter=2))  # A1111 adds i without wrapping
-    assert top.all_seeds == [4294967295, 4294967296]
+    assert top.all_seeds == (4294967295, 4294967296)
     jobs = fixed.image_jobs()
     assert [j.seed for j in jobs] == [100, 101, 102, 103] and all(
-        j.timesteps == fixed.timesteps for j in jobs
+        tuple(j.timesteps) == fixed.timesteps for j in jobs
     )
 
 
@@ -210,9 +213,11 @@ def test_override_settings_apply_to_that_request_only() -> None:
     table = make_table()
     options = {"emphasis": "Original", "samples_format": "png", "jpeg_quality": 80}
     ran = table.apply(req(override_settings={"emphasis": "No norm", "samples_format": "webp"}), options)
-    assert (ran.emphasis, ran.samples_format, ran.warnings) == ("No norm", "webp", [])
+    assert (ran.emphasis, ran.samples_format, ran.warnings) == ("No norm", "webp", ())
+    assert extra_generation_params(ran) == {"Emphasis": "No norm"}  # in the infotext only when not Original
     assert options["emphasis"] == "Original"
     assert table.apply(req(), options).emphasis == "Original"
+    assert extra_generation_params(table.apply(req(), options)) == {}
 
 
 # ---------------------------------------------------------------- what clients send by default
@@ -270,7 +275,7 @@ WEBUIAPI_TXT2IMG = {
 @pytest.mark.parametrize("strict", POLICIES)
 def test_client_default_values_produce_no_warning(strict: bool, tmp_path: Path) -> None:
     table = make_table(strict)
-    assert table.apply(sdapi("txt2img", WEBUIAPI_TXT2IMG, tmp_path)).warnings == []
+    assert table.apply(sdapi("txt2img", WEBUIAPI_TXT2IMG, tmp_path)).warnings == ()
     aiya = {
         "prompt": "a",
         "seed_resize_from_h": -1,
@@ -280,7 +285,7 @@ def test_client_default_values_produce_no_warning(strict: bool, tmp_path: Path) 
         "styles": [],
         "override_settings": {"CLIP_stop_at_last_layers": 1},
     }
-    assert table.apply(sdapi("txt2img", aiya, tmp_path)).warnings == []
+    assert table.apply(sdapi("txt2img", aiya, tmp_path)).warnings == ()
     img2img = {
         k: v for k, v in WEBUIAPI_TXT2IMG.items() if not k.startswith(("hr_", "firstphase", "enable_hr"))
     }
@@ -297,8 +302,8 @@ def test_client_default_values_produce_no_warning(strict: bool, tmp_path: Path) 
         image_cfg_scale=1.5,
         include_init_images=False,
     )
-    assert table.apply(sdapi("img2img", img2img, tmp_path)).warnings == []
-    assert table.apply(sdapi("txt2img", {"prompt": "only a prompt"}, tmp_path)).warnings == []
+    assert table.apply(sdapi("img2img", img2img, tmp_path)).warnings == ()
+    assert table.apply(sdapi("txt2img", {"prompt": "only a prompt"}, tmp_path)).warnings == ()
 
 
 def _png_b64() -> str:
@@ -361,11 +366,11 @@ def test_override_settings_are_checked_like_posted_options(override: dict, needl
 
 def test_override_samples_format_jpg_is_jpeg() -> None:
     ran = make_table().apply(req(override_settings={"samples_format": "JPG"}), {})
-    assert ran.samples_format == "jpeg" and ran.warnings == []
+    assert ran.samples_format == "jpeg" and ran.warnings == ()
 
 
 def test_no_style_names_are_not_warned_about() -> None:
     """AIYA sends styles ["None"] when no style is chosen; A1111 ignores it silently, so do we."""
-    assert make_table().apply(req(unsupported={"styles": ["None", ""]})).warnings == []
+    assert make_table().apply(req(unsupported={"styles": ["None", ""]})).warnings == ()
     mixed = make_table().apply(req(unsupported={"styles": ["None", "cinematic"]}))
-    assert mixed.warnings == ["styles ['cinematic'] are not supported (none installed); ignored"]
+    assert mixed.warnings == ("styles ['cinematic'] are not supported (none installed); ignored",)

@@ -116,10 +116,10 @@ def test_generate_img2img_uses_the_init_image(cache_dir: Path, tmp_path: Path) -
 
 
 def test_generate_rejects_bad_arguments_without_traceback(cache_dir: Path, tmp_path: Path) -> None:
-    proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "x", "--steps", "9",
+    proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "x", "--steps", "9", "--strict",
                "--output", tmp_path / "x.png")
     assert_clean_error(proc)
-    assert "--steps" in proc.stderr
+    assert "--steps" in proc.stderr and "strict" in proc.stderr
     proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--prompt", "x",
                "--init-image", tmp_path / "missing.png", "--output", tmp_path / "x.png")
     assert_clean_error(proc)
@@ -283,8 +283,17 @@ def test_generate_prints_the_stage_timings_in_pipeline_order(cache_dir: Path, tm
                                     "unet_total", "vae_decode", "image_encode", "total"]
 
 
-def test_generate_and_the_service_make_the_same_image(cache_dir: Path, tmp_path: Path) -> None:
-    """One code path: `generate --demo` and POST /generate on the same pack give identical pixels."""
+@pytest.mark.parametrize(("flags", "body", "guidance"), [
+    ((), {}, "on"),
+    (("--cfg-scale", "7", "--steps", "20", "--negative-prompt", "fog"),
+     {"cfg_scale": 7, "steps": 20, "negative_prompt": "fog"}, "on"),
+    (("--cfg-scale", "7", "--steps", "20"), {"cfg_scale": 7, "steps": 20}, "off"),
+])
+def test_generate_and_the_service_make_the_same_image(
+    cache_dir: Path, tmp_path: Path, flags: tuple[str, ...], body: dict[str, Any], guidance: str
+) -> None:
+    """One code path: `generate --demo` and POST /generate on the same pack give identical pixels,
+    warnings and infotext, clamps (cfg 7 -> 2, steps 20 -> 4) and GUIDANCE=off included."""
     import base64
     import io
 
@@ -296,18 +305,28 @@ def test_generate_and_the_service_make_the_same_image(cache_dir: Path, tmp_path:
 
     out = tmp_path / "cli.png"
     proc = cli("generate", "--demo", "--cache-dir", cache_dir, "--seed", "5", "--prompt", "a red barn",
-               "--output", out)
+               "--guidance", guidance, *flags, "--output", out)
     assert proc.returncode == 0, proc.stderr
+    cli_warnings = [line.removeprefix("warning: ") for line in proc.stdout.splitlines()
+                    if line.startswith("warning: ")]
     settings = Settings(demo=True, backend="onnxruntime", cache_dir=cache_dir, state_dir=tmp_path / "state",
-                        output_dir=tmp_path / "out", api_auth=None)
+                        output_dir=tmp_path / "out", api_auth=None, guidance=guidance)
     engine = Engine(settings)
     engine.start()
     with TestClient(create_app(settings, engine)) as client:
-        response = client.post("/generate", json={"mode": "txt2img", "prompt": "a red barn", "seed": 5})
+        response = client.post("/generate", json={"mode": "txt2img", "prompt": "a red barn", "seed": 5,
+                                                   **body})
     assert response.status_code == 200, response.text
     served_png = base64.b64decode(response.json()["base64"])
     with Image.open(io.BytesIO(served_png)) as served, Image.open(out) as mine:
         assert np.array_equal(np.asarray(served), np.asarray(mine))
+        assert served.info["parameters"] == mine.info["parameters"]
+        infotext = mine.info["parameters"]
+    assert response.json()["warnings"] == cli_warnings
+    if body:  # the clamps the service applies, now in the CLI's file too
+        assert "Steps: 4," in infotext and any("steps 20" in w for w in cli_warnings)
+        cfg = "2.0" if guidance == "on" else "1.0"
+        assert f"CFG scale: {cfg}," in infotext and any("cfg_scale 7" in w for w in cli_warnings)
 
 
 @pytest.mark.parametrize("value", ["abc", "70000", "-1"])

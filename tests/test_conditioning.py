@@ -261,14 +261,6 @@ def test_truncation_warnings_are_collected_once_and_name_the_negative_prompt(con
     assert len(plan.warnings) == len(set(plan.warnings))
 
 
-def test_emphasis_infotext_param_only_when_not_original(tokenizer):
-    original = TextConditioner(tokenizer, TableEncoder(tokenizer.vocab_size))
-    assert original.plan("(cat)", "", steps=1).extra_generation_params == {}
-    no_norm = TextConditioner(tokenizer, TableEncoder(tokenizer.vocab_size), emphasis="No norm")
-    assert no_norm.plan("(cat)", "", steps=1).extra_generation_params == {"Emphasis": "No norm"}
-    assert no_norm.plan("cat", "", steps=1).extra_generation_params == {}
-
-
 def test_text_encoder_object_with_encode_method_and_shape_check(tokenizer):
     class Stage:
         def encode(self, ids: np.ndarray) -> np.ndarray:

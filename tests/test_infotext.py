@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from pi_axera_sd_service.pipeline.images import encode_image
+from pi_axera_sd_service.service.errors import RequestError
 from pi_axera_sd_service.service.infotext import (
     create_infotext,
     parse_generation_parameters,
     png_info,
     quote,
 )
-from pi_axera_sd_service.service.request import RequestError
 
 
 def make(**overrides) -> str:

@@ -6,20 +6,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import pytest
 
-from pi_axera_sd_service.service.engine import (
+from pi_axera_sd_service.pipeline.stages import StageError
+from pi_axera_sd_service.service.capabilities import CapabilityTable
+from pi_axera_sd_service.service.engine import Engine
+from pi_axera_sd_service.service.errors import (
     ClientDisconnectedError,
     DeviceLostError,
-    Engine,
     QueueFullError,
     QueueTimeoutError,
     ShuttingDownError,
-    StageError,
-    looks_like_device_loss,
 )
+from pi_axera_sd_service.service.plan import GenerationPlan
+from pi_axera_sd_service.service.queue import looks_like_device_loss
 from pi_axera_sd_service.service.request import GenerationRequest
+from pi_axera_sd_service.settings import Settings
 
 STEP_DELAY = 0.05  # seconds per UNet call: 4 steps ≈ 0.2 s per image
 
@@ -39,9 +43,18 @@ def engines(demo_models) -> Iterator[Callable[..., Engine]]:
         engine.shutdown(5)
 
 
+TABLE = CapabilityTable.from_models(
+    SimpleNamespace(image_size=(512, 512), timesteps=(999, 759, 499, 259), vae_encoder=None), Settings()
+)
+
+
 def request(images: int = 1, steps: int = 4, task_id: str | None = None) -> GenerationRequest:
     return GenerationRequest(prompt="a lighthouse at dusk", seed=7, steps=steps, batch_size=images,
                              task_id=task_id)
+
+
+def plan(images: int = 1, steps: int = 4, task_id: str | None = None) -> GenerationPlan:
+    return TABLE.apply(request(images, steps, task_id))
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -55,9 +68,9 @@ def test_full_queue_refuses_at_once_and_accepted_jobs_complete(engines, settings
     engine = engines(settings_factory(max_queue=2), wrap_factory(delays={"unet": STEP_DELAY}))
 
     async def scenario():
-        first = asyncio.create_task(engine.submit(request()))
+        first = asyncio.create_task(engine.submit(plan()))
         await wait_until(lambda: engine.progress.busy)
-        tasks = [first] + [asyncio.create_task(engine.submit(request())) for _ in range(5)]
+        tasks = [first] + [asyncio.create_task(engine.submit(plan())) for _ in range(5)]
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     results = asyncio.run(scenario())
@@ -74,10 +87,10 @@ def test_queue_timeout_gives_503_error_and_job_never_runs(engines, settings_fact
     engine = engines(settings_factory(queue_timeout=0.2), wrap)
 
     async def scenario():
-        first = asyncio.create_task(engine.submit(request()))
+        first = asyncio.create_task(engine.submit(plan()))
         await wait_until(lambda: engine.progress.busy)
         with pytest.raises(QueueTimeoutError, match="queue_timeout"):
-            await engine.submit(request())
+            await engine.submit(plan())
         return await first
 
     assert len(asyncio.run(scenario()).images) == 1
@@ -88,7 +101,7 @@ def test_interrupt_returns_partial_result_and_stops_remaining_images(engines, se
     engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
 
     async def scenario():
-        job = asyncio.create_task(engine.submit(request(images=3)))
+        job = asyncio.create_task(engine.submit(plan(images=3)))
         await wait_until(lambda: engine.progress.sampling_step >= 1)
         engine.interrupt()
         return await job
@@ -103,7 +116,7 @@ def test_skip_keeps_partial_image_and_moves_to_next(engines, settings_factory, w
     engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
 
     async def scenario():
-        job = asyncio.create_task(engine.submit(request(images=2)))
+        job = asyncio.create_task(engine.submit(plan(images=2)))
         await wait_until(lambda: engine.progress.sampling_step >= 1)
         engine.skip()
         return await job
@@ -124,10 +137,10 @@ def test_disconnected_queued_client_job_is_dropped(engines, settings_factory, wr
         return time.monotonic() > gone_at
 
     async def scenario():
-        first = asyncio.create_task(engine.submit(request()))
+        first = asyncio.create_task(engine.submit(plan()))
         await wait_until(lambda: engine.progress.busy)
         with pytest.raises(ClientDisconnectedError):
-            await engine.submit(request(), disconnected)
+            await engine.submit(plan(), disconnected)
         return await first
 
     asyncio.run(scenario())
@@ -141,8 +154,8 @@ def test_stage_failure_fails_one_job_and_worker_carries_on(engines, settings_fac
 
     async def scenario():
         with pytest.raises(StageError) as failed:
-            await engine.submit(request())
-        return failed.value, await engine.submit(request())
+            await engine.submit(plan())
+        return failed.value, await engine.submit(plan())
 
     error, ok = asyncio.run(scenario())
     assert error.stage == "unet" and "simulated runtime failure" in error.message
@@ -157,10 +170,10 @@ def test_device_loss_turns_health_503_and_fails_fast(engines, settings_factory, 
 
     async def scenario():
         with pytest.raises(StageError):
-            await engine.submit(request())
+            await engine.submit(plan())
         started = time.monotonic()
         with pytest.raises(DeviceLostError):
-            await engine.submit(request())
+            await engine.submit(plan())
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 0.1
@@ -178,7 +191,7 @@ def test_progress_snapshot_busy_then_idle(engines, settings_factory, wrap_factor
     seen: list[dict] = []
 
     async def scenario():
-        job = asyncio.create_task(engine.submit(request(images=2)))
+        job = asyncio.create_task(engine.submit(plan(images=2)))
         while not job.done():
             seen.append(engine.progress.snapshot())
             await asyncio.sleep(0.02)
@@ -200,7 +213,7 @@ def test_live_previews_decode_x0_only_when_enabled(engines, settings_factory, wr
     task_views: list[dict] = []
 
     async def scenario():
-        job = asyncio.create_task(engine.submit(request(task_id="task(preview)")))
+        job = asyncio.create_task(engine.submit(plan(task_id="task(preview)")))
         while not job.done():
             image = engine.progress.snapshot()["current_image"]
             if image:
@@ -226,7 +239,7 @@ def test_task_progress_reports_queue_position(engines, settings_factory, wrap_fa
     engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
 
     async def scenario():
-        jobs = [asyncio.create_task(engine.submit(request(task_id=f"task(t{i})"))) for i in range(3)]
+        jobs = [asyncio.create_task(engine.submit(plan(task_id=f"task(t{i})"))) for i in range(3)]
         await wait_until(lambda: engine.progress.busy and engine.queue.depth == 2)
         views = {i: engine.task_progress(f"task(t{i})") for i in range(3)}
         pending = engine.pending_tasks()
@@ -245,15 +258,15 @@ def test_begin_shutdown_answers_queued_jobs_and_lets_running_finish(engines, set
     engine = engines(settings_factory(), wrap_factory(delays={"unet": STEP_DELAY}))
 
     async def scenario():
-        running = asyncio.create_task(engine.submit(request()))
+        running = asyncio.create_task(engine.submit(plan()))
         await wait_until(lambda: engine.progress.busy)
-        queued = asyncio.create_task(engine.submit(request()))
+        queued = asyncio.create_task(engine.submit(plan()))
         await wait_until(lambda: engine.queue.depth == 1)
         engine.begin_shutdown()
         with pytest.raises(ShuttingDownError):
             await queued
         with pytest.raises(ShuttingDownError):
-            await engine.submit(request())
+            await engine.submit(plan())
         return await running
 
     assert len(asyncio.run(scenario()).images) == 1
@@ -265,7 +278,7 @@ def test_a_batch_encodes_each_distinct_text_once(engines, settings_factory, wrap
     engine = engines(settings_factory(), wrap)
     req = GenerationRequest(prompt="a lighthouse at dusk", negative_prompt="fog", seed=3, batch_size=4,
                             cfg_scale=1.5)
-    result = asyncio.run(engine.submit(engine.capabilities.apply(req)))
+    result = asyncio.run(engine.submit(engine.plan(req)))
     assert len(result.images) == 4 and result.seeds == [3, 4, 5, 6]
     assert wrap.calls("text_encoder") == 2
     assert wrap.calls("unet") == 4 * 4 * 2  # still two UNet passes per step for every image
@@ -290,7 +303,7 @@ def test_an_interrupt_after_the_last_step_cuts_nothing_and_is_not_reported(engin
 
     engine = engines(settings_factory(), wrap)
     holder.append(engine)
-    result = asyncio.run(engine.submit(request()))
+    result = asyncio.run(engine.submit(plan()))
     assert result.steps_run == [4] and not result.interrupted
 
 

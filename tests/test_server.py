@@ -228,8 +228,8 @@ def test_health_is_503_until_the_engine_started(demo_models, settings_factory):
     assert engine.health()["status"] == "shutting_down"
 
 
-def test_server_answers_while_models_load_in_the_background(demo_models, settings_factory):
-    """While the models load (≈15 s on the NPU) health is 503 "starting" and jobs get 503 + Retry-After."""
+def loading_client(demo_models, settings):
+    """(a TestClient whose engine loads in the background until `release` is set, release)."""
     from fastapi.testclient import TestClient
 
     from pi_axera_sd_service.api.app import create_app
@@ -241,9 +241,14 @@ def test_server_answers_while_models_load_in_the_background(demo_models, setting
             release.wait(10)
             super().start()
 
-    settings = settings_factory()
     engine = SlowLoadingEngine(settings, models=demo_models)
-    with TestClient(create_app(settings, engine, load_in_background=True)) as client:
+    return TestClient(create_app(settings, engine, load_in_background=True)), release
+
+
+def test_server_answers_while_models_load_in_the_background(demo_models, settings_factory):
+    """While the models load (≈15 s on the NPU) health is 503 "starting" and jobs get 503 + Retry-After."""
+    client, release = loading_client(demo_models, settings_factory())
+    with client:
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "starting"
         busy = client.post("/generate", json={"mode": "txt2img", "prompt": "a fox"})
@@ -273,3 +278,27 @@ def test_log_redaction_covers_image_fields_of_any_length_and_nested_values():
     assert redact(params)["alwayson_scripts"]["ControlNet"]["args"][0]["module"] == "canny"
     assert redact(params)["override_settings"]["sd_vae"] == "Automatic"
     assert redact(params)["mask"] == f"<base64: {len(short)} chars>"
+
+
+def test_every_route_gives_the_one_not_ready_answer_while_loading(demo_models, settings_factory):
+    """Generation, options and /capabilities answer the same 503 + Retry-After, each in its route's shape."""
+    client, release = loading_client(demo_models, settings_factory())
+    with client:
+        answers = {
+            "generate": client.post("/generate", json={"mode": "txt2img", "prompt": "a fox"}),
+            "txt2img": client.post("/sdapi/v1/txt2img", json={"prompt": "a fox"}),
+            "options": client.get("/sdapi/v1/options"),
+            "set options": client.post("/sdapi/v1/options", json={"jpeg_quality": 90}),
+            "capabilities": client.get("/capabilities"),
+        }
+        release.set()
+        deadline = time.monotonic() + 10
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert {name: (r.status_code, r.headers.get("Retry-After")) for name, r in answers.items()} == {
+        name: (503, "5") for name in answers
+    }
+    assert answers["generate"].json() == {"status": "error", "error": "Models are still loading"}
+    for name in ("txt2img", "options", "set options", "capabilities"):
+        body = answers[name].json()
+        assert (body["error"], body["detail"]) == ("NotReadyError", "Models are still loading"), name

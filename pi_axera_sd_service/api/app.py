@@ -18,9 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from ..pipeline.stages import StageError
-from ..service.engine import ClientDisconnectedError, Engine, ServiceUnavailableError
+from ..service.engine import Engine
+from ..service.errors import ServiceError
 from ..settings import Settings
-from .errors import a1111_body, generate_error_for, sdapi_error_for
+from .errors import a1111_body, describe, error_response
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware, Scope
 from .routers import generate, internal, sdapi, ui
 
@@ -50,16 +51,12 @@ def _is_sdapi(request: Request) -> bool:
     return request.url.path.startswith("/sdapi/")
 
 
-def _is_generate(request: Request) -> bool:
-    return request.url.path == "/generate"
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(request: Request, exc: Exception) -> Response:
-        """Queue/device 503s, stage faults, dropped jobs: the route family's error shape."""
-        response = generate_error_for(exc) if _is_generate(request) else sdapi_error_for(exc)
-        assert response is not None
-        return response
+        """Every service error and stage failure, once, in the shape of the route family."""
+        err = describe(exc)
+        assert err is not None
+        return error_response(request.url.path, err)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -73,7 +70,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
-    for expected in (ServiceUnavailableError, StageError, ClientDisconnectedError):
+    for expected in (ServiceError, StageError):
         app.add_exception_handler(expected, service_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)

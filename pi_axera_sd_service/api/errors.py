@@ -1,18 +1,46 @@
-"""Error bodies: A1111's `{error, detail, body, errors}` for /sdapi, `{status: "error", error}` for /generate.
+"""The one map from the service's errors to HTTP responses, in the body shape of the route family.
 
-`classify(exc)` maps the service's exceptions to (status, message, headers); anything else is a
-server fault and is re-raised to the app's handlers.
+`describe(exc)` turns a service error (service/errors.py) or a model stage failure into an
+ApiError; the family of the request path then shapes the body: `{status: "error", error}` for
+/generate (every client error a 400, as upstream), A1111's `{error, detail, body, errors}` for
+everything else. `add_error_family` is the hook for another family (e.g. OpenAI's `{"error": {...}}`
+under /v1/).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
 from ..pipeline.stages import StageError
-from ..service.queue import ClientDisconnectedError, ServiceUnavailableError
-from ..service.request import RequestError
+from ..service.errors import RequestError, ServiceError
+
+
+@dataclass(frozen=True)
+class ApiError:
+    """One error as every family sees it."""
+
+    status_code: int
+    message: str                 # for the client; "" for a server fault (no internals)
+    error: str                   # the error's name (A1111 `error`)
+    client_error: bool = False   # the request was wrong (RequestError and its subclasses)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Shape = Callable[[ApiError], tuple[int, dict[str, Any]]]   # -> (status, body)
+
+
+def describe(exc: BaseException) -> ApiError | None:
+    """The ApiError of a service error or a stage failure; None for anything else (a server fault)."""
+    if isinstance(exc, ServiceError):
+        return ApiError(exc.status_code, exc.message, exc.error_name, isinstance(exc, RequestError),
+                        dict(exc.headers))
+    if isinstance(exc, StageError):
+        return ApiError(500, f"The {exc.stage} stage failed: {exc.message}", "StageError")
+    return None
 
 
 def a1111_body(detail: Any, error: str = "HTTPException", status_code: int | None = None) -> dict[str, Any]:
@@ -21,51 +49,36 @@ def a1111_body(detail: Any, error: str = "HTTPException", status_code: int | Non
     return {"error": error, "detail": detail, "body": "", "errors": errors}
 
 
+def a1111_shape(err: ApiError) -> tuple[int, dict[str, Any]]:
+    return err.status_code, a1111_body(err.message, err.error, err.status_code)
+
+
+def generate_shape(err: ApiError) -> tuple[int, dict[str, Any]]:
+    """The upstream `/generate` shape: every client error is a 400; server faults keep 5xx."""
+    message = err.message or f"internal server error ({err.error})"
+    return (400 if err.client_error else err.status_code), {"status": "error", "error": message}
+
+
+_FAMILIES: list[tuple[Callable[[str], bool], Shape]] = [
+    (lambda path: path == "/generate", generate_shape),
+]
+
+
+def add_error_family(matches: Callable[[str], bool], shape: Shape) -> None:
+    """Give the paths `matches` accepts their own error body shape (checked before the others)."""
+    _FAMILIES.insert(0, (matches, shape))
+
+
+def shape_for(path: str) -> Shape:
+    """The family's shape for `path`; A1111's when no family claims it."""
+    return next((shape for matches, shape in _FAMILIES if matches(path)), a1111_shape)
+
+
+def error_response(path: str, err: ApiError) -> JSONResponse:
+    status, body = shape_for(path)(err)
+    return JSONResponse(body, status_code=status, headers=err.headers or None)
+
+
 def server_fault_body(path: str, exc: BaseException) -> dict[str, Any]:
     """The 500 body for an unexpected exception, in the shape of the route family (no internals)."""
-    if path == "/generate":
-        return {"status": "error", "error": f"internal server error ({type(exc).__name__})"}
-    return a1111_body("", type(exc).__name__, 500)
-
-
-def a1111_error(
-    status_code: int, detail: Any, error: str = "HTTPException", headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(a1111_body(detail, error, status_code), status_code=status_code, headers=headers)
-
-
-def generate_error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The upstream `/generate` error shape."""
-    return JSONResponse({"status": "error", "error": message}, status_code=status_code, headers=headers)
-
-
-def classify(exc: BaseException) -> tuple[int, str, dict[str, str], str] | None:
-    """(status, message, headers, error name) for the exceptions a generation route expects, else None."""
-    if isinstance(exc, RequestError):
-        return exc.status_code, exc.message, {}, "HTTPException"
-    if isinstance(exc, ServiceUnavailableError):
-        return exc.status_code, str(exc.detail), dict(exc.headers), type(exc).__name__
-    if isinstance(exc, StageError):
-        return 500, f"The {exc.stage} stage failed: {exc.message}", {}, "StageError"
-    if isinstance(exc, ClientDisconnectedError):
-        return ClientDisconnectedError.status_code, str(exc), {}, type(exc).__name__
-    return None
-
-
-def sdapi_error_for(exc: BaseException) -> JSONResponse | None:
-    found = classify(exc)
-    if found is None:
-        return None
-    status, message, headers, name = found
-    return a1111_error(status, message, name, headers or None)
-
-
-def generate_error_for(exc: BaseException, client_error_status: int = 400) -> JSONResponse | None:
-    """/generate: every client error is a 400 (as the upstream service); server faults keep 5xx."""
-    found = classify(exc)
-    if found is None:
-        return None
-    status, message, headers, _ = found
-    if isinstance(exc, RequestError):
-        status = client_error_status
-    return generate_error(status, message, headers or None)
+    return shape_for(path)(ApiError(500, "", type(exc).__name__))[1]

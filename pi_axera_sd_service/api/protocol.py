@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..service.capabilities import DEFAULT_DENOISING_STRENGTH
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
@@ -124,7 +126,7 @@ class Img2ImgRequest(_ProcessingFields):
 
     init_images: list[Any] | None = None
     resize_mode: int | None = 0
-    denoising_strength: float | None = 0.75
+    denoising_strength: float | None = DEFAULT_DENOISING_STRENGTH
     image_cfg_scale: float | None = None
     mask: str | None = None
     mask_blur_x: int | None = 4

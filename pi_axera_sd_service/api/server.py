@@ -16,8 +16,9 @@ from types import FrameType
 
 import uvicorn
 
-from ..service.engine import Engine, Wrap
-from ..settings import Settings
+from ..runtime.model_dir import Wrap
+from ..service.engine import Engine
+from ..settings import Settings, is_exposed
 from .app import create_app
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ EXIT_OK = 0
 EXIT_MODEL_LOAD_FAILED = 2
 EXIT_SERVER_FAILED = 1
 GRACE_AFTER_INTERRUPT_S = 10.0  # an interrupted job still decodes and encodes its image
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -49,11 +49,6 @@ def configure_logging(settings: Settings) -> None:
     if settings.log_json:
         for handler in root.handlers:
             handler.setFormatter(JsonLogFormatter())
-
-
-def is_exposed(host: str) -> bool:
-    """True when `host` is reachable from other machines."""
-    return host not in LOOPBACK_HOSTS and not host.startswith("127.")
 
 
 class GracefulServer(uvicorn.Server):

@@ -9,7 +9,7 @@ Emphasis weights are applied to the hidden states (`apply_emphasis`, A1111 `sd_e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -49,7 +49,6 @@ class PromptPlan:
     steps: int = 1
     guidance: bool = True  # False: conds_at() returns no uncond embedding
     # infotext extras, e.g. {"Emphasis": "No norm"} (A1111 adds it when the text has ( or [)
-    extra_generation_params: dict[str, str] = field(default_factory=dict)
 
 
 def _dedupe(messages: Sequence[str]) -> list[str]:
@@ -196,12 +195,8 @@ class TextConditioner:
             warnings += self.tokenize(text, "Prompt")[2]
         for text in sorted(negative_texts - positive_texts):
             warnings += self.tokenize(text, "Negative prompt")[2]
-
-        extra: dict[str, str] = {}
-        if self.emphasis != "Original" and any("(" in t or "[" in t for t in positive_texts | negative_texts):
-            extra["Emphasis"] = self.emphasis
         return PromptPlan(conds=conds, uncond=uncond, warnings=_dedupe(warnings), extra_networks=networks,
-                          steps=steps, guidance=guidance, extra_generation_params=extra)
+                          steps=steps, guidance=guidance)
 
     def conds_at(self, plan: PromptPlan, step: int
                  ) -> tuple[list[tuple[np.ndarray, float]], np.ndarray | None]:

@@ -11,7 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
-TIMESTEPS: tuple[int, ...] = (999, 759, 499, 259)
+from ..runtime.contract import TIMESTEPS
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
 BETA_END = 0.012

@@ -14,7 +14,7 @@ import numpy as np
 
 from .session import DYNAMIC, ModelLoadError, Session, TensorSpec, format_shape_dtype, format_specs
 
-TIMESTEPS = (999, 759, 499, 259)
+TIMESTEPS = (999, 759, 499, 259)   # the LCM timesteps of the time-embedding rows, in order
 CONTEXT_SHAPE = (1, 77, 768)
 TIME_DIM = 1280
 TOKENIZER_FILES = ("vocab.json", "merges.txt")

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .contract import TIMESTEPS
 from .demo_tokenizer import write_tokenizer
 
 PACK_VERSION = 1
 OPSET = 17
 SEED = 20240615
-TIMESTEPS = (999, 759, 499, 259)
 LATENT_HW = 64
 CONTEXT_LEN, CONTEXT_DIM, TIME_DIM = 77, 768, 1280
 VAE_SCALE = 0.18215

@@ -7,20 +7,25 @@ sampler, into a 422. `to_dict()` is served at GET /capabilities and is the sourc
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
+from ..pipeline.images import resize_image
 from ..pipeline.scheduler import img2img_timesteps, txt2img_timesteps
 from ..settings import Settings
-from .options import DEFAULT_EMPHASIS, WRITABLE_DEFAULTS, OptionsStore, known_option, validate_option
-from .request import CapabilityError, GenerationRequest, RequestError, parse_seed
+from .errors import CapabilityError, RequestError
+from .options import WRITABLE_DEFAULTS, OptionsStore, known_option, validate_option
+from .plan import GenerationPlan, ImagePlan, new_task_id
+from .request import UPSTREAM_DENOISING_STRENGTH, GenerationRequest
 
 if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels
-
-__all__ = ["CapabilityError", "CapabilityRow", "CapabilityTable", "SAMPLER_NAME", "SAMPLER_ALIASES"]
 
 SAMPLER_NAME = "LCM"
 SAMPLER_ALIASES = ("k_lcm", "lcm")
@@ -33,6 +38,8 @@ A1111_SCHEDULERS = (
     ("normal", "Normal"), ("ddim", "DDIM"), ("beta", "Beta"), ("karras_exponential", "Karras Exponential"),
 )
 MIN_DENOISING_STRENGTH = 0.01
+DEFAULT_DENOISING_STRENGTH = 0.75   # A1111's, for img2img requests that leave it out
+SEED_RANGE = 2**32
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill (edges stretched)"}
 MAX_STEPS = 4
 NO_STYLE_NAMES = {"", "none"}  # what clients send for "no style" (AIYA: "None")
@@ -121,7 +128,9 @@ class CapabilityTable:
                           f"batch_size × n_iter ≤ {self.max_images_per_request} images, generated one "
                           "at a time (the NPU batch is 1)", "clamp",
                           "n_iter is reduced first, then batch_size"),
-            CapabilityRow("denoising_strength", "img2img: (0, 1]; default 0.75 on /sdapi, 0.5 on /generate",
+            CapabilityRow("denoising_strength",
+                          f"img2img: (0, 1]; default {DEFAULT_DENOISING_STRENGTH:g} on /sdapi, "
+                          f"{UPSTREAM_DENOISING_STRENGTH:g} on /generate and the CLI",
                           "clamp", "ignored for txt2img (no hires fix)"),
             CapabilityRow("resize_mode", "0 just resize, 1 crop and resize, 2 resize and fill (edges "
                           "stretched); 3 (latent) is run as 0 with a warning", "reject", "other values: 422"),
@@ -179,29 +188,40 @@ class CapabilityTable:
 
     def apply(
         self, req: GenerationRequest, options: OptionsStore | Mapping[str, Any] | None = None
-    ) -> GenerationRequest:
-        """Return a copy clamped to the table, with warnings; raise CapabilityError for rejections."""
-        if req.applied:
-            return req
-        r = req.copy()
+    ) -> GenerationPlan:
+        """The plan that runs for `req`: every value chosen, clamps warned; CapabilityError for rejections.
+
+        `options` (the OptionsStore or a plain dict) gives the defaults `override_settings` override."""
         warnings: list[str] = []
-        self._check_mode_and_scripts(r)
-        self._apply_sampler(r, warnings)
-        self._apply_size_and_steps(r, warnings)
-        self._apply_guidance(r, warnings)
-        self._apply_seeds_and_count(r, warnings)
-        self._apply_img2img(r, warnings)
-        self._apply_unsupported(r, warnings)
-        self._apply_overrides(r, options, warnings)
-        r.max_and_prompts = min(r.max_and_prompts, self.max_and_prompts)
-        r.timesteps = (
-            img2img_timesteps(float(r.denoising_strength), r.steps) if r.mode == "img2img"
-            else txt2img_timesteps(r.steps)
+        self._check_mode_and_scripts(req)
+        sampler, scheduler = self._sampler(req, warnings)
+        width, height = self._size(req, warnings)
+        steps = self._steps(req, warnings)
+        cfg_scale = self._guidance(req, warnings)
+        subseed_strength = self._subseed_strength(req, warnings)
+        batch_size, n_iter = self._image_count(req, warnings)
+        strength, resize_mode = self._img2img(req, warnings)
+        self._unsupported(req, warnings)
+        effective = self._options(req, options, warnings)
+        images = self._images(req, batch_size * n_iter, subseed_strength != 0, resize_mode, (width, height))
+        timesteps = self.timesteps_for(steps, strength if req.mode == "img2img" else None)
+        return GenerationPlan(
+            task_id=req.task_id or new_task_id(req.mode), mode=req.mode, prompt=req.prompt,
+            negative_prompt=req.negative_prompt, width=width, height=height, steps=steps,
+            timesteps=timesteps, sampler_name=sampler, scheduler=scheduler, cfg_scale=cfg_scale,
+            subseed_strength=subseed_strength, denoising_strength=strength, resize_mode=resize_mode,
+            batch_size=batch_size, n_iter=n_iter, images=images,
+            emphasis=str(effective["emphasis"]), max_and_prompts=self.max_and_prompts, clip_skip=1,
+            samples_format=(req.samples_format or str(effective["samples_format"])).lower(),
+            jpeg_quality=int(effective["jpeg_quality"]), send_images=req.send_images,
+            save_images=req.save_images, warnings=tuple(dict.fromkeys((*req.warnings, *warnings))),
         )
-        r.resolve_seeds()
-        r.warnings = list(dict.fromkeys(r.warnings + warnings))
-        r.applied = True
-        return r
+
+    def timesteps_for(self, steps: int, denoising_strength: float | None = None) -> tuple[int, ...]:
+        """The timesteps a `steps`-step schedule runs; img2img (a strength) runs its tail."""
+        if denoising_strength is None:
+            return tuple(txt2img_timesteps(steps))
+        return tuple(img2img_timesteps(denoising_strength, steps))
 
     def _check_mode_and_scripts(self, r: GenerationRequest) -> None:
         if r.mode not in ("txt2img", "img2img"):
@@ -215,7 +235,7 @@ class CapabilityTable:
         if r.mask_given:
             raise CapabilityError("mask", "inpainting is not supported (mask given)")
 
-    def _apply_sampler(self, r: GenerationRequest, warnings: list[str]) -> None:
+    def _sampler(self, r: GenerationRequest, warnings: list[str]) -> tuple[str, str]:
         name = (r.sampler_name or "").strip()
         scheduler = (r.scheduler or "").strip()
         for option in (o for pair in A1111_SCHEDULERS for o in pair):
@@ -228,24 +248,27 @@ class CapabilityTable:
         if scheduler and scheduler.lower() != SCHEDULER_NAME:
             self._deviate("scheduler", "scheduler", f"scheduler '{scheduler}' is not available; ran the "
                           f"fixed LCM schedule ({SCHEDULER_NAME})", warnings)
-        r.sampler_name, r.scheduler = SAMPLER_NAME, SCHEDULER_NAME
+        return SAMPLER_NAME, SCHEDULER_NAME
 
-    def _apply_size_and_steps(self, r: GenerationRequest, warnings: list[str]) -> None:
+    def _size(self, r: GenerationRequest, warnings: list[str]) -> tuple[int, int]:
         w, h = self.image_size
         if (r.width is not None and r.width != w) or (r.height is not None and r.height != h):
             field = "width" if r.width is not None and r.width != w else "height"
             self._deviate("width", field, f"width x height {r.width or w}x{r.height or h} is not supported; "
                           f"generated {w}x{h} (the compiled models' size)", warnings)
-        r.width, r.height = w, h
-        if r.steps is None:
-            r.steps = self.max_steps
-        elif not 1 <= r.steps <= self.max_steps:
-            clamped = min(max(r.steps, 1), self.max_steps)
-            self._deviate("steps", "steps", f"steps {r.steps} is not supported (1–{self.max_steps}); "
-                          f"ran {clamped}", warnings)
-            r.steps = clamped
+        return w, h
 
-    def _apply_guidance(self, r: GenerationRequest, warnings: list[str]) -> None:
+    def _steps(self, r: GenerationRequest, warnings: list[str]) -> int:
+        if r.steps is None:
+            return self.max_steps
+        if 1 <= r.steps <= self.max_steps:
+            return r.steps
+        clamped = min(max(r.steps, 1), self.max_steps)
+        self._deviate("steps", "steps", f"steps {r.steps} is not supported (1–{self.max_steps}); "
+                      f"ran {clamped}", warnings)
+        return clamped
+
+    def _guidance(self, r: GenerationRequest, warnings: list[str]) -> float:
         cfg = 1.0 if r.cfg_scale is None else float(r.cfg_scale)
         if not self.guidance:
             if cfg > 1:
@@ -258,17 +281,18 @@ class CapabilityTable:
             cfg = self.max_cfg_scale
         if cfg <= 1 and r.negative_prompt.strip():
             warnings.append("negative_prompt has no effect at cfg_scale ≤ 1 (one UNet pass per step)")
-        r.cfg_scale = cfg
+        return cfg
 
-    def _apply_seeds_and_count(self, r: GenerationRequest, warnings: list[str]) -> None:
-        r.seed, r.subseed = parse_seed(r.seed, "seed"), parse_seed(r.subseed, "subseed")
+    def _subseed_strength(self, r: GenerationRequest, warnings: list[str]) -> float:
         strength = float(r.subseed_strength or 0.0)
         if not 0 <= strength <= 1:
             clamped = min(max(strength, 0.0), 1.0)
             self._deviate("subseed_strength", "subseed_strength",
                           f"subseed_strength {strength:g} is outside [0, 1]; ran {clamped:g}", warnings)
             strength = clamped
-        r.subseed_strength = strength
+        return strength
+
+    def _image_count(self, r: GenerationRequest, warnings: list[str]) -> tuple[int, int]:
         batch, n_iter = r.batch_size, r.n_iter
         if batch < 1 or n_iter < 1:
             self._deviate("batch_size", "batch_size" if batch < 1 else "n_iter",
@@ -282,26 +306,44 @@ class CapabilityTable:
                           f"batch_size {batch} × n_iter {n_iter} = {batch * n_iter} images is above "
                           f"max_images_per_request {limit}; ran {new_batch} × {new_iter}", warnings)
             batch, n_iter = new_batch, new_iter
-        r.batch_size, r.n_iter = batch, n_iter
+        return batch, n_iter
 
-    def _apply_img2img(self, r: GenerationRequest, warnings: list[str]) -> None:
+    def _img2img(self, r: GenerationRequest, warnings: list[str]) -> tuple[float, int]:
+        """(denoising strength, resize mode); txt2img denoises everything (1.0)."""
         if r.mode != "img2img":
-            r.denoising_strength = None
-            return
-        strength = 0.75 if r.denoising_strength is None else float(r.denoising_strength)
+            return 1.0, 0
+        strength = DEFAULT_DENOISING_STRENGTH if r.denoising_strength is None else float(r.denoising_strength)
         if not MIN_DENOISING_STRENGTH <= strength <= 1:
             clamped = min(max(strength, MIN_DENOISING_STRENGTH), 1.0)
             self._deviate("denoising_strength", "denoising_strength",
                           f"denoising_strength {strength:g} is outside (0, 1]; ran {clamped:g}", warnings)
             strength = clamped
-        r.denoising_strength = strength
         if r.resize_mode == 3:
             warnings.append("resize_mode 3 (resize in latent space) is not supported; ran 0 (just resize)")
-            r.resize_mode = 0
-        elif r.resize_mode not in RESIZE_MODES:
+            return strength, 0
+        if r.resize_mode not in RESIZE_MODES:
             raise CapabilityError("resize_mode", f"resize_mode must be 0, 1, 2 or 3, got {r.resize_mode}")
+        return strength, r.resize_mode
 
-    def _apply_unsupported(self, r: GenerationRequest, warnings: list[str]) -> None:
+    @staticmethod
+    def _images(
+        r: GenerationRequest, count: int, variation: bool, resize_mode: int, size: tuple[int, int]
+    ) -> tuple[ImagePlan, ...]:
+        """Seeds as A1111 (seed+i, or seed for all with a variation strength; subseed+i) and the init
+        images resized to the model size, cycled over the batch."""
+        seed = fixed_seed(parse_seed(r.seed, "seed"))
+        subseed = fixed_seed(parse_seed(r.subseed, "subseed"))
+        inits: list[Image.Image | None] = [None]
+        if r.mode == "img2img" and r.init_images:
+            inits = [resize_image(img, resize_mode, *size) for img in r.init_images]
+        batch = max(r.batch_size, 1)
+        return tuple(
+            ImagePlan(seed=seed if variation else seed + i, subseed=subseed + i,
+                      init_image=inits[(i % batch) % len(inits)])
+            for i in range(count)
+        )
+
+    def _unsupported(self, r: GenerationRequest, warnings: list[str]) -> None:
         sent = r.unsupported
         for flag, what in (("enable_hr", "hires fix"), ("restore_faces", "face restoration"),
                            ("tiling", "tiling")):
@@ -317,15 +359,14 @@ class CapabilityTable:
             value = sent.get(name)
             if isinstance(value, (int, float)) and value > 0:
                 warnings.append(f"{name} {value:g} is not supported; ignored")
-        r.styles, r.clip_skip = [], 1
 
-    def _apply_overrides(
+    def _options(
         self, r: GenerationRequest, options: OptionsStore | Mapping[str, Any] | None, warnings: list[str]
-    ) -> None:
-        if options is None:
-            effective: dict[str, Any] = {}
-        else:
-            effective = dict(options) if isinstance(options, Mapping) else options.as_dict()
+    ) -> dict[str, Any]:
+        """The options in effect for this request: the defaults, the store, then `override_settings`."""
+        effective: dict[str, Any] = dict(WRITABLE_DEFAULTS)
+        if options is not None:
+            effective.update(options if isinstance(options, Mapping) else options.as_dict())
         for key, value in r.override_settings.items():
             if not known_option(key):
                 warnings.append(f"override_settings: unknown option '{key}' ignored")
@@ -335,10 +376,30 @@ class CapabilityTable:
                 warnings.append(f"override_settings: {problem}")
                 continue
             effective[key] = value
-        r.emphasis = str(effective.get("emphasis", r.emphasis or DEFAULT_EMPHASIS))
-        if r.route == "sdapi":
-            r.samples_format = str(effective.get("samples_format", r.samples_format)).lower()
-        r.jpeg_quality = int(effective.get("jpeg_quality", r.jpeg_quality))
+        return effective
+
+
+def parse_seed(value: Any, field_name: str = "seed") -> int:
+    """-1/None/"" -> -1; an integer (or integral float / numeric string) -> int; else CapabilityError."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return -1
+    if isinstance(value, bool):
+        raise CapabilityError(field_name, f"{field_name} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise CapabilityError(field_name, f"{field_name} must be an integer, got {value!r}")
+
+
+def fixed_seed(seed: int) -> int:
+    """A negative seed draws a random one in [0, 2^32); others are used as sent (A1111: seed+i, no wrap)."""
+    return secrets.randbelow(SEED_RANGE) if seed < 0 else seed
 
 
 def _checked_override(

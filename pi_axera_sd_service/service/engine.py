@@ -1,7 +1,8 @@
-"""Engine: the one object the API talks to. It owns the models, the Pipeline and the job queue.
+"""Engine: the one object the API (and its dependencies) talks to. It owns the models, the
+Pipeline, the capability table, the options and the job queue.
 
-The HTTP side (submit, queue wait, disconnects, status) lives here; what the NPU worker does with
-a job is in runner.py.
+The request's way: translate (route) -> CapabilityTable.apply -> GenerationPlan -> queue -> worker
+(JobRunner: Pipeline) -> encode_result. What the NPU worker does with a plan is in runner.py.
 """
 
 from __future__ import annotations
@@ -11,52 +12,40 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..pipeline.generate import Pipeline
 from ..pipeline.stages import StageError
-from ..pipeline.tokenizer import ClipTokenizer
 from ..runtime.session import ModelLoadError
-from .metrics import ServiceMetrics, note_request
-from .progress import ProgressState
-from .queue import (
-    DEVICE_LOST_AFTER_FAILURES,
+from .errors import (
     ClientDisconnectedError,
     DeviceLostError,
-    Job,
-    JobQueue,
     NotReadyError,
     QueueFullError,
     QueueTimeoutError,
     ServiceUnavailableError,
     ShuttingDownError,
-    Worker,
-    looks_like_device_loss,
-    new_task_id,
 )
+from .metrics import ServiceMetrics, note_request
+from .progress import ProgressState
+from .queue import DEVICE_LOST_AFTER_FAILURES, Job, JobQueue, Worker, looks_like_device_loss
 from .runner import GenerationResult, JobRunner
 
 if TYPE_CHECKING:
-    from ..runtime.model_dir import LoadedModels, ModelFiles
-    from ..runtime.session import Session
+    from ..runtime.model_dir import LoadedModels, ModelFiles, Wrap
     from ..settings import Settings
     from .capabilities import CapabilityTable
     from .options import OptionsStore
+    from .plan import GenerationPlan
     from .request import GenerationRequest
     from .results import EncodedResult
 
-__all__ = [
-    "ClientDisconnectedError", "DeviceLostError", "Engine", "GenerationResult", "NotReadyError",
-    "QueueFullError", "QueueTimeoutError", "ServiceUnavailableError", "ShuttingDownError", "StageError",
-    "looks_like_device_loss", "new_task_id",
-]
-
 log = logging.getLogger(__name__)
 
-Wrap = Callable[[str, "Session"], "Session"]
 SESSION_ROLES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DISCONNECT_POLL_S = 0.25
+NOT_READY_RETRY_S = 5
+GENERATE = "generate"   # the Job kind of a GenerationPlan
 
 
 def wrap_models(models: LoadedModels, wrap: Wrap) -> LoadedModels:
@@ -91,7 +80,6 @@ class Engine:
         self.settings = settings
         self.models: LoadedModels | None = models
         self._wrap = wrap
-        self.pipeline: Pipeline | None = None
         self.capabilities: CapabilityTable | None = None
         self.options: OptionsStore | None = None
         self.progress = ProgressState()
@@ -109,7 +97,7 @@ class Engine:
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Load models (unless given), build Pipeline, CapabilityTable and OptionsStore, start the worker."""
+        """Load models (unless given), build the runner, CapabilityTable, OptionsStore; start the worker."""
         from .capabilities import CapabilityTable
         from .options import OptionsStore
 
@@ -119,13 +107,12 @@ class Engine:
             self.models = load_configured_models(self.settings, self._wrap)
         elif self._wrap is not None:
             self.models = wrap_models(self.models, self._wrap)
-        self.pipeline = Pipeline(self.models, ClipTokenizer.from_dir(self.models.tokenizer_dir))
         self.capabilities = CapabilityTable.from_models(self.models, self.settings)
         self.options = OptionsStore(self.settings, self.models)
-        self._runner = JobRunner(self.pipeline, self.models.image_size, self.progress, self.metrics,
-                                 self._preview_period)
-        self._worker = Worker(self.queue, self._run_job)
-        self._worker.start()
+        self._runner = JobRunner.for_models(self.models, self.progress, self._preview_period)
+        worker = Worker(self.queue, self._run_job)
+        worker.start()
+        self._worker = worker   # set once running: `started` and shutdown's join see a live thread
         log.info("engine ready: %s on %s (max_queue=%d)", self.models.model_name, self.models.backend,
                  self.settings.max_queue)
 
@@ -147,10 +134,6 @@ class Engine:
     @property
     def started(self) -> bool:
         return self._worker is not None
-
-    @property
-    def shutting_down(self) -> bool:
-        return self._shutting_down
 
     def begin_shutdown(self) -> None:
         """Stop accepting; answer every queued job with 503 now. The running job continues."""
@@ -187,24 +170,34 @@ class Engine:
             raise ShuttingDownError("The service is shutting down and accepts no new jobs")
         if self.device_lost:
             raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
-        if self.load_error:
-            raise DeviceLostError(f"The models failed to load ({self.load_error})")
-        if self._worker is None:
-            raise NotReadyError("Models are still loading", retry_after=5)
+        self.require_ready()
+        assert self._worker is not None
         if not self._worker.is_alive():
             raise DeviceLostError("The NPU worker thread is not running; restart the service")
 
+    def require_ready(self) -> None:
+        """The one "not ready" answer: 503 while the models load (Retry-After), or why they did not."""
+        if self.load_error:
+            raise DeviceLostError(f"The models failed to load ({self.load_error})")
+        if self._worker is None:
+            raise NotReadyError("Models are still loading", retry_after=NOT_READY_RETRY_S)
+
+    def plan(self, request: GenerationRequest) -> GenerationPlan:
+        """The capability table's plan for `request` under the current options (CapabilityError: 422)."""
+        self.require_ready()
+        assert self.capabilities is not None
+        return self.capabilities.apply(request, self.options)
+
     async def submit(
         self,
-        req: GenerationRequest,
+        plan: GenerationPlan,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> GenerationResult:
-        """Queue one request and wait for its result (see design.md for the exceptions raised)."""
+        """Queue one plan and wait for its result; raises the 503s of service/errors.py, StageError
+        (500) and ClientDisconnectedError (499)."""
         self._refuse_unless_accepting()
-        if not req.task_id:
-            req.task_id = new_task_id(req.mode)
         loop = asyncio.get_running_loop()
-        job = Job(request=req, task_id=req.task_id, loop=loop, future=loop.create_future())
+        job = Job(kind=GENERATE, payload=plan, task_id=plan.task_id, loop=loop, future=loop.create_future())
         try:
             ahead = self.queue.put(job)
         except ServiceUnavailableError as exc:
@@ -227,19 +220,17 @@ class Engine:
         translate: Callable[[], GenerationRequest],
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> tuple[GenerationResult, EncodedResult]:
-        """What every generation route does: translate the payload (off the event loop), apply the
-        capability table, queue the job, then encode its images in this request's thread (not on the
-        NPU worker)."""
+        """What every generation route does: translate the payload and plan it (off the event loop:
+        images are decoded and resized), queue the plan, then encode its images in this request's
+        thread (not on the NPU worker)."""
         from .results import encode_result
 
         self._refuse_unless_accepting()  # before decoding any image
-        assert self.capabilities is not None
-        req = self.capabilities.apply(await asyncio.to_thread(translate), self.options)
-        result = await self.submit(req, is_disconnected=is_disconnected)
-        checkpoint = self.options.checkpoint if self.options else None
+        plan = await asyncio.to_thread(lambda: self.plan(translate()))
+        result = await self.submit(plan, is_disconnected=is_disconnected)
         encoded = await asyncio.to_thread(
-            encode_result, result, checkpoint, png_compress_level=self.settings.png_compress_level,
-            output_dir=self.settings.output_dir,
+            encode_result, result, self.options.checkpoint if self.options else None,
+            png_compress_level=self.settings.png_compress_level, output_dir=self.settings.output_dir,
         )
         return result, encoded
 
@@ -280,16 +271,23 @@ class Engine:
         return default if value is None else value
 
     def _run_job(self, job: Job) -> GenerationResult:
-        """Runs on the worker thread (see runner.py); keeps count of failures for the device-loss check."""
+        """Runs on the worker thread; keeps count of failures for the device-loss check."""
         if self.device_lost:
             raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
-        assert self._runner is not None
+        assert self._runner is not None and job.kind == GENERATE, job.kind
+        wait_s = (job.started_at or time.monotonic()) - job.enqueued_at
+        self.metrics.queue_wait_seconds.observe(wait_s)
         try:
-            result = self._runner.run(job)
-        except StageError as exc:
-            self._note_stage_failure(exc)
+            result = self._runner.run(job.payload, queue_wait_ms=wait_s * 1000.0)
+        except Exception as exc:
+            self.metrics.jobs.labels(outcome="failed").inc()
+            if isinstance(exc, StageError):
+                self._note_stage_failure(exc)
             raise
         self._consecutive_failures = 0
+        self.metrics.images.inc(len(result.images))
+        self.metrics.jobs.labels(outcome="interrupted" if result.interrupted else "ok").inc()
+        self.metrics.observe_stages(result.stage_ms)
         return result
 
     def _note_stage_failure(self, exc: StageError) -> None:
@@ -314,6 +312,37 @@ class Engine:
 
     def skip(self) -> None:
         self.progress.skip()
+
+    def progress_snapshot(self, skip_current_image: bool = False) -> dict[str, Any]:
+        """The body of GET /sdapi/v1/progress."""
+        return self.progress.snapshot(skip_current_image)
+
+    def get_options(self) -> dict[str, Any]:
+        """The A1111 options (GET /sdapi/v1/options); NotReadyError while loading."""
+        self.require_ready()
+        assert self.options is not None
+        return self.options.as_dict()
+
+    def set_options(self, changes: Mapping[str, Any]) -> list[str]:
+        """Apply and persist option changes; returns the ignored keys (RequestError for a bad value)."""
+        self.require_ready()
+        assert self.options is not None
+        return self.options.update(dict(changes))
+
+    def sd_models(self) -> list[dict[str, Any]]:
+        """GET /sdapi/v1/sd-models: the one loaded model (none while loading)."""
+        checkpoint = self.options.checkpoint if self.options else None
+        return [checkpoint.sd_models_item()] if checkpoint else []
+
+    def capabilities_dict(self) -> dict[str, Any]:
+        """GET /capabilities: the capability table as data; NotReadyError while loading."""
+        self.require_ready()
+        assert self.capabilities is not None
+        return self.capabilities.to_dict()
+
+    def metrics_exposition(self) -> bytes:
+        """GET /metrics: this engine's Prometheus registry in the text format."""
+        return self.metrics.exposition()
 
     def health(self) -> dict[str, Any]:
         """{status, backend, model, queue_depth, busy, uptime_s}; status "ok" means healthy."""

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..pipeline.images import ImageDecodeError, read_infotext
 from ..pipeline.prompt_parser import parse_prompt_attention
-from .request import RequestError
+from .errors import RequestError
 
 PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 IMAGE_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")

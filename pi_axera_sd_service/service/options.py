@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..pipeline.conditioning import EMPHASIS_MODES
 from ..settings import Settings
-from .request import RequestError
+from .errors import RequestError
 
 if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels
@@ -28,8 +29,7 @@ log = logging.getLogger(__name__)
 
 OPTIONS_FILE = "options.json"
 SAMPLES_FORMATS = ("png", "jpeg", "jpg", "webp")
-EMPHASIS_MODES = ("Original", "No norm", "None", "Ignore")
-DEFAULT_EMPHASIS = "Original"
+DEFAULT_EMPHASIS = EMPHASIS_MODES[0]
 SHORTHASH_LEN = 10
 
 

@@ -1,8 +1,8 @@
-"""The bounded FIFO of jobs in front of the single NPU worker thread.
+"""The bounded FIFO of jobs in front of the NPU worker thread(s).
 
-HTTP handlers put jobs in (from the event loop) and await their futures; one worker thread takes
-them out and runs them. Futures are resolved with `loop.call_soon_threadsafe`, so a handler
-never blocks the loop and never touches a session.
+HTTP handlers put jobs in (from the event loop) and await their futures; worker threads (one today,
+the queue allows several) take them out in order and run them. Futures are resolved with
+`loop.call_soon_threadsafe`, so a handler never blocks the loop and never touches a session.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import asyncio
 import logging
 import math
 import re
-import secrets
 import statistics
-import string
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import QueueFullError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,6 @@ DEVICE_LOST_PATTERN = re.compile(
     r"|no (?:npu )?device|npu\W.{0,24}(?:lost|hang|reset)",
     re.IGNORECASE,
 )
-TASK_ID_CHARS = string.ascii_uppercase + string.digits
-
-
-def new_task_id(mode: str) -> str:
-    """`task(txt2img-XXXXXXXXXXXXXXX)` like A1111's create_task_id."""
-    return f"task({mode}-{''.join(secrets.choice(TASK_ID_CHARS) for _ in range(15))})"
 
 
 def looks_like_device_loss(message: str) -> bool:
@@ -44,52 +38,15 @@ def looks_like_device_loss(message: str) -> bool:
     return bool(DEVICE_LOST_PATTERN.search(message))
 
 
-class ServiceUnavailableError(Exception):
-    """A job refused or dropped without running; HTTP 503 (with Retry-After when known)."""
-
-    status_code = 503
-
-    def __init__(self, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.detail = message
-        self.retry_after = retry_after
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
-
-
-class QueueFullError(ServiceUnavailableError):
-    """max_queue jobs are already waiting."""
-
-
-class QueueTimeoutError(ServiceUnavailableError):
-    """The job waited longer than queue_timeout."""
-
-
-class ShuttingDownError(ServiceUnavailableError):
-    """The service is stopping and takes no new work."""
-
-
-class DeviceLostError(ServiceUnavailableError):
-    """The NPU (or its runtime) is gone; jobs fail fast until restart."""
-
-
-class NotReadyError(ServiceUnavailableError):
-    """Models are not loaded yet."""
-
-
-class ClientDisconnectedError(Exception):
-    """The client left while its job was queued; the job was dropped (HTTP 499, never seen)."""
-
-    status_code = 499
-
-
 @dataclass(eq=False)
 class Job:
-    """One request waiting for, or running on, the NPU worker."""
+    """One unit of work waiting for, or running on, an NPU worker.
 
-    request: Any
+    `kind` tells the worker's `run_job` what `payload` is ("generate": a GenerationPlan); the queue
+    itself never looks inside."""
+
+    kind: str
+    payload: Any
     task_id: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -137,13 +94,13 @@ class JobTimes:
 
 
 class JobQueue:
-    """Bounded FIFO of waiting jobs; the running job is tracked separately."""
+    """Bounded FIFO of waiting jobs; the running ones (one per worker) are tracked separately."""
 
     def __init__(self, max_queue: int, times: JobTimes | None = None):
         self.max_queue = max_queue
         self.times = times or JobTimes()
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._closed = False
         self._cond = threading.Condition()
 
@@ -152,11 +109,6 @@ class JobQueue:
         """Jobs waiting (not counting the running one)."""
         with self._cond:
             return len(self._waiting)
-
-    @property
-    def running(self) -> Job | None:
-        with self._cond:
-            return self._running
 
     def put(self, job: Job) -> int:
         """Append a job; returns how many jobs are ahead of it. Raises at once when full or closed."""
@@ -171,7 +123,7 @@ class JobQueue:
                     retry_after=retry,
                 )
             self._waiting.append(job)
-            ahead = len(self._waiting) - 1 + (1 if self._running is not None else 0)
+            ahead = len(self._waiting) - 1 + len(self._running)
             self._cond.notify_all()
             return ahead
 
@@ -188,14 +140,14 @@ class JobQueue:
                 self._cond.wait(remaining)
             job = self._waiting.popleft()
             job.started_at = time.monotonic()
-            self._running = job
+            self._running.add(job)
             return job
 
     def done(self, job: Job) -> None:
         """Worker side: the running job finished."""
         with self._cond:
-            if self._running is job:
-                self._running = None
+            if job in self._running:
+                self._running.discard(job)
                 if job.started_at is not None:
                     self.times.add(time.monotonic() - job.started_at)
             self._cond.notify_all()
@@ -222,11 +174,6 @@ class JobQueue:
             self._closed = True
             self._cond.notify_all()
 
-    @property
-    def closed(self) -> bool:
-        with self._cond:
-            return self._closed
-
     def waiting_task_ids(self) -> list[str]:
         with self._cond:
             return [job.task_id for job in self._waiting]
@@ -243,7 +190,7 @@ class JobQueue:
         """Block until no job is running; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._running is not None:
+            while self._running:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -252,13 +199,12 @@ class JobQueue:
 
 
 class Worker(threading.Thread):
-    """The one thread that runs jobs (and so owns the NPU sessions)."""
+    """A thread that takes jobs from the queue and runs them with `run_job` (which owns the NPU sessions)."""
 
-    def __init__(self, queue: JobQueue, run_job: Callable[[Job], Any]):
-        super().__init__(name="npu-worker", daemon=True)
+    def __init__(self, queue: JobQueue, run_job: Callable[[Job], Any], name: str = "npu-worker"):
+        super().__init__(name=name, daemon=True)
         self.queue = queue
         self.run_job = run_job
-        self.jobs_run = 0
 
     def run(self) -> None:
         while True:
@@ -270,5 +216,4 @@ class Worker(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - one failed job never stops the worker
                 job.fail(exc)
             finally:
-                self.jobs_run += 1
                 self.queue.done(job)

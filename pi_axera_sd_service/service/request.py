@@ -1,28 +1,25 @@
-"""GenerationRequest: the one internal request every generation route is translated into.
+"""GenerationRequest: what a client asked for, translated from its route; nothing resolved yet.
 
-The translation functions (`from_sdapi`, `from_generate`) are where A1111 and `/generate` differ
-(defaults, aliases, data-URI stripping); the capability table (`capabilities.py`) then clamps or
-rejects what the hardware cannot do, and `image_jobs()` resolves one ImageJob per image.
+One translator per way in (`from_sdapi`, `from_generate`, `from_cli`) is where the routes differ
+(defaults, aliases, data-URI stripping). `CapabilityTable.apply` then turns the request into the
+frozen GenerationPlan that runs. None means "not sent: the table's default, never a warning".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from ..pipeline.generate import ImageJob
-from ..pipeline.images import ImageDecodeError, decode_image_b64, resize_image
-from ..pipeline.scheduler import img2img_timesteps, txt2img_timesteps
+from ..pipeline.images import ImageDecodeError, decode_image_b64
 from ..settings import Settings
+from .errors import RequestError
+from .infotext import parse_generation_parameters
 
-SEED_RANGE = 2**32
-DEFAULT_DENOISING = {"sdapi": 0.75, "generate": 0.5}
+UPSTREAM_DENOISING_STRENGTH = 0.5   # /generate and the upstream img2img script (timesteps 499, 259)
 MODES = ("txt2img", "img2img")
 # A1111 fields that are not supported but need a policy decision (see capabilities.py).
 UNSUPPORTED_FIELDS = (
@@ -30,28 +27,9 @@ UNSUPPORTED_FIELDS = (
 )
 
 
-class RequestError(Exception):
-    """A client error; the message names the field. HTTP status in `status_code`."""
-
-    status_code = 400
-
-    def __init__(self, field: str, message: str, status_code: int | None = None):
-        super().__init__(message)
-        self.field = field
-        self.message = message
-        if status_code is not None:
-            self.status_code = status_code
-
-
-class CapabilityError(RequestError):
-    """The capability table rejects a field value (422 on /sdapi, 400 on /generate)."""
-
-    status_code = 422
-
-
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One HTTP generation request, whatever the route. None means "not given: use the table default"."""
+    """One generation request as the client sent it, whatever the route."""
 
     mode: str = "txt2img"
     prompt: str = ""
@@ -59,7 +37,7 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     steps: int | None = None
-    seed: Any = -1
+    seed: Any = -1                        # as sent: -1, None, "" (random), an int or a numeric string
     subseed: Any = -1
     subseed_strength: float = 0.0
     sampler_name: str | None = None
@@ -69,105 +47,21 @@ class GenerationRequest:
     n_iter: int = 1
     denoising_strength: float | None = None
     resize_mode: int = 0
-    init_images: list[Image.Image] = field(default_factory=list)
-    styles: list[str] = field(default_factory=list)
-    emphasis: str = "Original"
-    samples_format: str = "png"
-    jpeg_quality: int = 80
+    init_images: tuple[Image.Image, ...] = ()
+    samples_format: str | None = None     # None: the options' samples_format (A1111); else fixed
     send_images: bool = True
     save_images: bool = False
     task_id: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    # --- translation extras, read by CapabilityTable.apply ---
-    route: str = "sdapi"                                        # "sdapi" | "generate"
-    unsupported: dict[str, Any] = field(default_factory=dict)   # UNSUPPORTED_FIELDS as sent
-    override_settings: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()        # from translation
+    unsupported: Mapping[str, Any] = field(default_factory=dict)   # UNSUPPORTED_FIELDS as sent
+    override_settings: Mapping[str, Any] = field(default_factory=dict)
     script_name: str | None = None
-    alwayson_scripts: dict[str, Any] = field(default_factory=dict)
+    alwayson_scripts: Mapping[str, Any] = field(default_factory=dict)
     mask_given: bool = False
-    # --- resolved by CapabilityTable.apply ---
-    timesteps: list[int] = field(default_factory=list)
-    all_seeds: list[int] = field(default_factory=list)
-    all_subseeds: list[int] = field(default_factory=list)
-    clip_skip: int = 1
-    max_and_prompts: int = 3
-    applied: bool = False
 
-    @property
-    def image_count(self) -> int:
-        return max(self.batch_size, 1) * max(self.n_iter, 1)
-
-    def copy(self) -> GenerationRequest:
-        """Shallow copy with its own warning and seed lists."""
-        return dataclasses.replace(
-            self, warnings=list(self.warnings), all_seeds=list(self.all_seeds),
-            all_subseeds=list(self.all_subseeds), timesteps=list(self.timesteps),
-        )
-
-    def resolve_seeds(self) -> None:
-        """Fill all_seeds / all_subseeds as A1111 (seed+i, or seed for all with a variation strength)."""
-        count = self.image_count
-        if len(self.all_seeds) == count and len(self.all_subseeds) == count:
-            return
-        self.seed = fixed_seed(parse_seed(self.seed, "seed"))
-        self.subseed = fixed_seed(parse_seed(self.subseed, "subseed"))
-        variation = self.subseed_strength != 0
-        self.all_seeds = [self.seed if variation else self.seed + i for i in range(count)]
-        self.all_subseeds = [self.subseed + i for i in range(count)]
-
-    def resolved_timesteps(self) -> list[int]:
-        """Timesteps chosen by the capability table (computed here if apply() was skipped)."""
-        if self.timesteps:
-            return list(self.timesteps)
-        steps = min(max(self.steps or 4, 1), 4)
-        if self.mode == "img2img":
-            strength = self.denoising_strength if self.denoising_strength is not None else 0.75
-            return img2img_timesteps(strength, steps)
-        return txt2img_timesteps(steps)
-
-    def image_jobs(self, width: int = 512, height: int = 512) -> list[ImageJob]:
-        """One ImageJob per image: seeds resolved, init images resized and cycled over the batch."""
-        self.resolve_seeds()
-        width, height = self.width or width, self.height or height
-        timesteps = self.resolved_timesteps()
-        resized = [resize_image(img, self.resize_mode, width, height) for img in self.init_images]
-        batch = max(self.batch_size, 1)
-        jobs = []
-        for i in range(self.image_count):
-            init = resized[(i % batch) % len(resized)] if (self.mode == "img2img" and resized) else None
-            jobs.append(
-                ImageJob(
-                    prompt=self.prompt, negative_prompt=self.negative_prompt,
-                    seed=self.all_seeds[i], subseed=self.all_subseeds[i],
-                    subseed_strength=float(self.subseed_strength), timesteps=list(timesteps),
-                    cfg_scale=float(self.cfg_scale if self.cfg_scale is not None else 1.0),
-                    init_image=init, emphasis=self.emphasis, max_and_prompts=self.max_and_prompts,
-                )
-            )
-        return jobs
-
-
-def parse_seed(value: Any, field_name: str = "seed") -> int:
-    """-1/None/"" -> -1; an integer (or integral float / numeric string) -> int; else CapabilityError."""
-    if value is None or (isinstance(value, str) and value.strip() == ""):
-        return -1
-    if isinstance(value, bool):
-        raise CapabilityError(field_name, f"{field_name} must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise CapabilityError(field_name, f"{field_name} must be an integer, got {value!r}")
-
-
-def fixed_seed(seed: int) -> int:
-    """A negative seed draws a random one in [0, 2^32); others are used as sent (A1111: seed+i, no wrap)."""
-    return secrets.randbelow(SEED_RANGE) if seed < 0 else seed
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "init_images", tuple(self.init_images))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
 
 
 def decode_init_images(values: Iterable[Any], field_name: str, max_pixels: int) -> list[Image.Image]:
@@ -209,33 +103,29 @@ def from_sdapi(
 ) -> GenerationRequest:
     """A1111 txt2img/img2img payload (model_dump of the protocol model) -> GenerationRequest."""
     sent = _with_infotext(_given(payload, fields_set))
-    req = GenerationRequest(mode=mode, route="sdapi")
-    _common_fields(req, sent, settings)
     sampler = sent.get("sampler_name") or sent.get("sampler_index")
-    req.sampler_name = sampler if sampler else None
-    req.scheduler = sent.get("scheduler") or None
-    req.subseed = sent.get("subseed", -1)
-    req.subseed_strength = float(sent.get("subseed_strength", 0.0))
-    req.styles = list(sent.get("styles") or [])
-    req.send_images = bool(sent.get("send_images", True))
-    req.save_images = bool(sent.get("save_images", False))
-    req.task_id = sent.get("force_task_id")
-    req.override_settings = dict(sent.get("override_settings") or {})
-    req.script_name = sent.get("script_name") or None
-    req.alwayson_scripts = dict(sent.get("alwayson_scripts") or {})
-    req.unsupported = {k: sent[k] for k in UNSUPPORTED_FIELDS if k in sent}
+    fields: dict[str, Any] = dict(
+        _common_fields(sent, settings), mode=mode, sampler_name=sampler or None,
+        scheduler=sent.get("scheduler") or None, subseed=sent.get("subseed", -1),
+        subseed_strength=_float(sent, "subseed_strength", 0.0),
+        send_images=bool(sent.get("send_images", True)), save_images=bool(sent.get("save_images", False)),
+        task_id=sent.get("force_task_id"), override_settings=dict(sent.get("override_settings") or {}),
+        script_name=sent.get("script_name") or None,
+        alwayson_scripts=dict(sent.get("alwayson_scripts") or {}),
+        unsupported={k: sent[k] for k in UNSUPPORTED_FIELDS if k in sent},
+    )
     if mode == "img2img":
         if payload.get("init_images") is None:
             raise RequestError("init_images", "Init image not found", status_code=404)
-        req.init_images = decode_init_images(
-            payload["init_images"], "init_images", settings.max_init_image_pixels
-        )
-        if not req.init_images:
+        images = decode_init_images(payload["init_images"], "init_images", settings.max_init_image_pixels)
+        if not images:
             raise RequestError("init_images", "Init image not found", status_code=404)
-        req.mask_given = bool(payload.get("mask")) or bool(payload.get("latent_mask"))
-        req.denoising_strength = _float(sent, "denoising_strength", DEFAULT_DENOISING["sdapi"])
-        req.resize_mode = _int(sent, "resize_mode", 0)
-    return req
+        fields.update(
+            init_images=images, mask_given=bool(payload.get("mask")) or bool(payload.get("latent_mask")),
+            denoising_strength=_float(sent, "denoising_strength", None),
+            resize_mode=_int(sent, "resize_mode", 0),
+        )
+    return GenerationRequest(**fields)
 
 
 # A1111 `infotext` request field: values parsed from it fill the fields the request did not set.
@@ -251,8 +141,6 @@ def _with_infotext(sent: dict[str, Any]) -> dict[str, Any]:
     text = sent.get("infotext")
     if not isinstance(text, str) or not text.strip():
         return sent
-    from .infotext import parse_generation_parameters  # infotext imports this module
-
     parsed = parse_generation_parameters(text)
     filled = {
         field: parsed[key] for key, field in INFOTEXT_FIELDS.items() if parsed.get(key) not in (None, "")
@@ -270,37 +158,60 @@ def from_generate(
         raise RequestError("mode", f"mode is required and must be 'txt2img' or 'img2img', got {mode!r}")
     if not isinstance(sent.get("prompt"), str) or not sent["prompt"].strip():
         raise RequestError("prompt", "prompt is required and must be a non-empty string")
-    req = GenerationRequest(mode=mode, route="generate", samples_format="png")
-    _common_fields(req, sent, settings)
-    req.sampler_name = sent.get("sampler_name") or None
-    req.task_id = sent.get("task_id")
-    req.save_images = settings.save_outputs
+    fields: dict[str, Any] = dict(
+        _common_fields(sent, settings), mode=mode, samples_format="png",
+        sampler_name=sent.get("sampler_name") or None, task_id=sent.get("task_id"),
+        save_images=settings.save_outputs,
+    )
     if mode == "img2img":
         init = sent.get("init_image")
         if not init and sent.get("init_images"):
             init = sent["init_images"][0]
         if not init:
             raise RequestError("init_image", "init_image (base64) is required for img2img")
-        req.init_images = [decode_init_image(init, "init_image", settings.max_init_image_pixels)]
         strength = sent.get("denoising_strength", sent.get("strength"))
-        req.denoising_strength = DEFAULT_DENOISING["generate"] if strength is None else _as_float(
-            strength, "denoising_strength"
+        fields.update(
+            init_images=[decode_init_image(init, "init_image", settings.max_init_image_pixels)],
+            denoising_strength=UPSTREAM_DENOISING_STRENGTH if strength is None else _as_float(
+                strength, "denoising_strength"),
+            resize_mode=_int(sent, "resize_mode", 0),
         )
-        req.resize_mode = _int(sent, "resize_mode", 0)
-    return req
+    return GenerationRequest(**fields)
 
 
-def _common_fields(req: GenerationRequest, sent: dict[str, Any], settings: Settings) -> None:
-    req.prompt = _check_prompt("prompt", sent.get("prompt"), settings)
-    req.negative_prompt = _check_prompt("negative_prompt", sent.get("negative_prompt"), settings)
-    req.width = _int(sent, "width", None)
-    req.height = _int(sent, "height", None)
-    req.steps = _int(sent, "steps", None)
-    req.cfg_scale = _float(sent, "cfg_scale", None)
-    req.seed = sent.get("seed", -1)
-    req.batch_size = _int(sent, "batch_size", 1)
-    req.n_iter = _int(sent, "n_iter", 1)
-    req.max_and_prompts = settings.max_and_prompts
+def from_cli(
+    settings: Settings,
+    *,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    init_image: Image.Image | None = None,
+    denoising_strength: float | None = None,
+    resize_mode: int = 0,
+) -> GenerationRequest:
+    """`pi-axera-sd generate` and python/run_*.py -> GenerationRequest (as /generate: PNG, same defaults)."""
+    sent = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
+            "cfg_scale": cfg_scale}
+    fields: dict[str, Any] = dict(
+        _common_fields({k: v for k, v in sent.items() if v is not None}, settings),
+        mode="img2img" if init_image is not None else "txt2img", samples_format="png", send_images=False,
+    )
+    if init_image is not None:
+        strength = UPSTREAM_DENOISING_STRENGTH if denoising_strength is None else denoising_strength
+        fields.update(init_images=[init_image], resize_mode=resize_mode, denoising_strength=strength)
+    return GenerationRequest(**fields)
+
+
+def _common_fields(sent: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    return dict(
+        prompt=_check_prompt("prompt", sent.get("prompt"), settings),
+        negative_prompt=_check_prompt("negative_prompt", sent.get("negative_prompt"), settings),
+        width=_int(sent, "width", None), height=_int(sent, "height", None), steps=_int(sent, "steps", None),
+        cfg_scale=_float(sent, "cfg_scale", None), seed=sent.get("seed", -1),
+        batch_size=_int(sent, "batch_size", 1), n_iter=_int(sent, "n_iter", 1),
+    )
 
 
 def _as_float(value: Any, name: str) -> float:

@@ -18,6 +18,7 @@ from .infotext import create_infotext, service_version
 from .options import DEFAULT_EMPHASIS, CheckpointInfo
 
 if TYPE_CHECKING:
+    from .plan import GenerationPlan
     from .runner import GenerationResult
 
 SCHEDULER_LABEL = "Automatic"
@@ -34,11 +35,11 @@ class EncodedResult:
     paths: list[Path] = field(default_factory=list)
 
 
-def extra_generation_params(result: GenerationResult) -> dict[str, Any]:
+def extra_generation_params(plan: GenerationPlan) -> dict[str, Any]:
     """Infotext entries beyond the standard ones (only non-default values, as A1111)."""
     extra: dict[str, Any] = {}
-    if result.request.emphasis != DEFAULT_EMPHASIS:
-        extra["Emphasis"] = result.request.emphasis
+    if plan.emphasis != DEFAULT_EMPHASIS:
+        extra["Emphasis"] = plan.emphasis
     return extra
 
 
@@ -47,51 +48,46 @@ def build_infotexts(result: GenerationResult, checkpoint: CheckpointInfo | None)
 
     "Steps" keeps A1111's meaning: the schedule length, of which img2img runs the last
     round(strength × steps); with "Denoising strength" it reproduces the image."""
-    req = result.request
-    extra = extra_generation_params(result)
-    texts = []
-    for i in range(len(result.images)):
-        texts.append(create_infotext(
-            prompt=result.prompts[i] if i < len(result.prompts) else req.prompt,
-            negative_prompt=(
-                result.negative_prompts[i] if i < len(result.negative_prompts) else req.negative_prompt
-            ),
-            steps=int(req.steps), sampler=req.sampler_name or "LCM",
-            scheduler_label=SCHEDULER_LABEL, cfg_scale=float(req.cfg_scale),
-            seed=result.seeds[i], width=int(req.width or 0), height=int(req.height or 0),
+    plan = result.plan
+    extra = extra_generation_params(plan)
+    return [
+        create_infotext(
+            prompt=result.prompts[i], negative_prompt=result.negative_prompts[i], steps=plan.steps,
+            sampler=plan.sampler_name, scheduler_label=SCHEDULER_LABEL, cfg_scale=plan.cfg_scale,
+            seed=result.seeds[i], width=plan.width, height=plan.height,
             model_hash=checkpoint.shorthash if checkpoint else None,
             model_name=checkpoint.model_name if checkpoint else None,
-            subseed=result.subseeds[i] if i < len(result.subseeds) else None,
-            subseed_strength=float(req.subseed_strength or 0.0),
-            denoising_strength=req.denoising_strength if req.mode == "img2img" else None,
-            clip_skip=req.clip_skip, extra=extra,
-        ))
-    return texts
+            subseed=result.subseeds[i], subseed_strength=plan.subseed_strength,
+            denoising_strength=plan.denoising_strength if plan.mode == "img2img" else None,
+            clip_skip=plan.clip_skip, extra=extra,
+        )
+        for i in range(len(result.images))
+    ]
 
 
 def info_dict(
     result: GenerationResult, infotexts: list[str], checkpoint: CheckpointInfo | None
 ) -> dict[str, Any]:
     """A1111 `Processed.js()` keys, reporting what actually ran, plus `warnings`."""
-    req = result.request
-    seeds = result.seeds or list(req.all_seeds[:1])
-    subseeds = result.subseeds or list(req.all_subseeds[:1])
+    plan = result.plan
+    seeds = result.seeds or list(plan.all_seeds[:1])
+    subseeds = result.subseeds or list(plan.all_subseeds[:1])
     return {
-        "prompt": req.prompt,
+        "prompt": plan.prompt,
         "all_prompts": list(result.prompts),
-        "negative_prompt": req.negative_prompt,
+        "negative_prompt": plan.negative_prompt,
         "all_negative_prompts": list(result.negative_prompts),
-        "seed": seeds[0] if seeds else None,
+        "seed": seeds[0],
         "all_seeds": list(result.seeds),
-        "subseed": subseeds[0] if subseeds else None,
+        "subseed": subseeds[0],
         "all_subseeds": list(result.subseeds),
-        "subseed_strength": req.subseed_strength,
-        "width": req.width,
-        "height": req.height,
-        "sampler_name": req.sampler_name,
-        "cfg_scale": req.cfg_scale,
-        "steps": len(req.timesteps),   # img2img: the part of the `steps` schedule its strength runs
-        "batch_size": req.batch_size,
+        "subseed_strength": plan.subseed_strength,
+        "width": plan.width,
+        "height": plan.height,
+        "sampler_name": plan.sampler_name,
+        "cfg_scale": plan.cfg_scale,
+        "steps": len(plan.timesteps),   # img2img: the part of the `steps` schedule its strength runs
+        "batch_size": plan.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
         "sd_model_name": checkpoint.model_name if checkpoint else None,
@@ -100,19 +96,33 @@ def info_dict(
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": req.denoising_strength if req.mode == "img2img" else None,
-        "extra_generation_params": extra_generation_params(result),
+        "denoising_strength": plan.denoising_strength if plan.mode == "img2img" else None,
+        "extra_generation_params": extra_generation_params(plan),
         "index_of_first_image": 0,
         "infotexts": list(infotexts),
-        "styles": list(req.styles),
+        "styles": [],   # no styles are installed; requested ones were warned about
         "job_timestamp": result.job_timestamp,
-        "clip_skip": req.clip_skip,
+        "clip_skip": plan.clip_skip,
         "is_using_inpainting_conditioning": False,
         "version": service_version(),
         "warnings": list(result.warnings),
         "interrupted": result.interrupted,
         "total_time_ms": round(result.total_time_ms, 1),
     }
+
+
+def encode_images(
+    result: GenerationResult, checkpoint: CheckpointInfo | None, png_compress_level: int = 1
+) -> tuple[list[bytes], list[str]]:
+    """(encoded image files, their infotexts) in the plan's samples_format."""
+    plan = result.plan
+    infotexts = build_infotexts(result, checkpoint)
+    blobs = [
+        encode_image(img, plan.samples_format, text, jpeg_quality=plan.jpeg_quality,
+                     png_compress_level=png_compress_level)
+        for img, text in zip(result.images, infotexts, strict=True)
+    ]
+    return blobs, infotexts
 
 
 def encode_result(
@@ -122,18 +132,13 @@ def encode_result(
     png_compress_level: int = 1,
     output_dir: Path | None = None,
 ) -> EncodedResult:
-    """Infotexts, base64 images (no data: prefix) and the info dict; saves files when asked."""
-    req = result.request
-    infotexts = build_infotexts(result, checkpoint)
-    fmt = (req.samples_format or "png").lower()
-    blobs = [
-        encode_image(img, fmt, text, jpeg_quality=req.jpeg_quality, png_compress_level=png_compress_level)
-        for img, text in zip(result.images, infotexts, strict=True)
-    ]
+    """Infotexts, base64 images (no data: prefix) and the info dict; saves files when the plan asks."""
+    plan = result.plan
+    blobs, infotexts = encode_images(result, checkpoint, png_compress_level)
     paths: list[Path] = []
-    if req.save_images and output_dir is not None:
-        paths = save_images(blobs, output_dir, fmt, result.job_timestamp, result.seeds)
-    images_b64 = [base64.b64encode(b).decode("ascii") for b in blobs] if req.send_images else []
+    if plan.save_images and output_dir is not None:
+        paths = save_images(blobs, output_dir, plan.samples_format, result.job_timestamp, result.seeds)
+    images_b64 = [base64.b64encode(b).decode("ascii") for b in blobs] if plan.send_images else []
     return EncodedResult(images_b64, infotexts, info_dict(result, infotexts, checkpoint), paths)
 
 

@@ -14,20 +14,20 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from ..pipeline.generate import Pipeline
+from ..pipeline.tokenizer import ClipTokenizer
 from .progress import ProgressControl, ProgressState
 
 if TYPE_CHECKING:
-    from ..pipeline.generate import Pipeline
-    from .metrics import ServiceMetrics
-    from .queue import Job
-    from .request import GenerationRequest
+    from ..runtime.model_dir import LoadedModels
+    from .plan import GenerationPlan
 
 
 @dataclass
 class GenerationResult:
-    """What one job produced (images not yet encoded)."""
+    """What one plan produced (images not yet encoded); per returned image where a list."""
 
-    request: GenerationRequest
+    plan: GenerationPlan
     images: list[Image.Image]
     seeds: list[int]
     subseeds: list[int]
@@ -41,8 +41,8 @@ class GenerationResult:
     interrupted: bool
     skipped_images: int = 0
     queue_wait_ms: float = 0.0
-    task_id: str = ""
     steps_run: list[int] = field(default_factory=list)
+    image_timings_ms: list[dict[str, float]] = field(default_factory=list)   # the pipeline's, per image
 
 
 def add_stage_times(timings_ms: dict[str, float], into: dict[str, float]) -> None:
@@ -55,44 +55,35 @@ def add_stage_times(timings_ms: dict[str, float], into: dict[str, float]) -> Non
 
 
 class JobRunner:
-    """Runs jobs on the worker thread, reporting progress and honouring interrupt/skip."""
+    """Runs plans through the Pipeline on the worker thread, reporting progress, honouring interrupt/skip."""
 
-    def __init__(self, pipeline: Pipeline, image_size: tuple[int, int], progress: ProgressState,
-                 metrics: ServiceMetrics, preview_period: Callable[[], int | None]):
+    def __init__(self, pipeline: Pipeline, progress: ProgressState,
+                 preview_period: Callable[[], int | None] = lambda: None):
         self.pipeline = pipeline
-        self.image_size = image_size
         self.progress = progress
-        self.metrics = metrics
         self.preview_period = preview_period   # steps between live previews, None when off
 
-    def run(self, job: Job) -> GenerationResult:
-        """Every image of the job's request; raises what the pipeline raises (StageError, ...)."""
-        try:
-            result = self._run(job)
-        except Exception:
-            self.metrics.jobs.labels(outcome="failed").inc()
-            raise
-        self.metrics.images.inc(len(result.images))
-        self.metrics.jobs.labels(outcome="interrupted" if result.interrupted else "ok").inc()
-        self.metrics.observe_stages(result.stage_ms)
-        return result
+    @classmethod
+    def for_models(cls, models: LoadedModels, progress: ProgressState,
+                   preview_period: Callable[[], int | None] = lambda: None) -> JobRunner:
+        """A runner over a new Pipeline on `models` (each worker owns its sessions)."""
+        return cls(Pipeline(models, ClipTokenizer.from_dir(models.tokenizer_dir)), progress, preview_period)
 
-    def _run(self, job: Job) -> GenerationResult:
-        req = job.request
-        wait_ms = ((job.started_at or time.monotonic()) - job.enqueued_at) * 1000.0
-        self.metrics.queue_wait_seconds.observe(wait_ms / 1000.0)
-        image_jobs = req.image_jobs(*self.image_size)
+    def run(self, plan: GenerationPlan, queue_wait_ms: float = 0.0) -> GenerationResult:
+        """Every image of the plan; raises what the pipeline raises (StageError, ...)."""
+        image_jobs = plan.image_jobs()
         started = time.perf_counter()
-        timestamp = self.progress.begin(job.task_id, f"scripts_{req.mode}", len(image_jobs))
+        timestamp = self.progress.begin(plan.task_id, f"scripts_{plan.mode}", len(image_jobs))
         images: list[Image.Image] = []
         done_jobs = []
         steps_run: list[int] = []
-        warnings: list[str] = list(req.warnings)
+        image_timings: list[dict[str, float]] = []
+        warnings: list[str] = list(plan.warnings)
         stage_ms: dict[str, float] = {}
         skipped = 0
         interrupted = False
         preview_every = self.preview_period()
-        conditioner = self.pipeline.text_conditioner(req.emphasis)  # embeddings cached across the images
+        conditioner = self.pipeline.text_conditioner(plan.emphasis)  # embeddings cached across the images
         try:
             for index, image_job in enumerate(image_jobs):
                 if self.progress.is_interrupted():  # the remaining images are not started
@@ -111,16 +102,17 @@ class JobRunner:
                 images.append(output.image)
                 done_jobs.append(image_job)
                 steps_run.append(output.steps_run)
+                image_timings.append(dict(output.timings_ms))
                 add_stage_times(output.timings_ms, stage_ms)
                 warnings.extend(w for w in output.warnings if w not in warnings)
         finally:
             self.progress.end()
         return GenerationResult(
-            request=req, images=images,
+            plan=plan, images=images,
             seeds=[j.seed for j in done_jobs], subseeds=[j.subseed for j in done_jobs],
             prompts=[j.prompt for j in done_jobs], negative_prompts=[j.negative_prompt for j in done_jobs],
             warnings=warnings, text_time_ms=stage_ms.get("text", 0.0),
             total_time_ms=(time.perf_counter() - started) * 1000.0, stage_ms=stage_ms,
             job_timestamp=timestamp, interrupted=interrupted, skipped_images=skipped,
-            queue_wait_ms=wait_ms, task_id=job.task_id, steps_run=steps_run,
+            queue_wait_ms=queue_wait_ms, steps_run=steps_run, image_timings_ms=image_timings,
         )

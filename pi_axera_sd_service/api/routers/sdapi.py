@@ -12,14 +12,14 @@ import os
 from typing import Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.responses import JSONResponse
 
 from ...service.capabilities import SAMPLER_ALIASES, SAMPLER_NAME
-from ...service.engine import Engine
+from ...service.errors import FeatureUnavailableError
 from ...service.infotext import png_info
-from ...service.request import GenerationRequest, RequestError, from_sdapi
+from ...service.request import GenerationRequest, from_sdapi
 from ...service.results import sdapi_parameters
-from ..errors import a1111_error, sdapi_error_for
+from ...settings import is_exposed
+from ..deps import EngineDep, ReadyEngineDep
 from ..protocol import (
     EmbeddingsResponse,
     ImageResponse,
@@ -36,92 +36,70 @@ from ..protocol import (
 )
 
 router = APIRouter(prefix="/sdapi/v1")
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def _engine(request: Request) -> Engine:
-    return request.app.state.engine
 
 
 # ---------------------------------------------------------------------------- generation
-async def _generate(mode: str, payload: Txt2ImgRequest | Img2ImgRequest, request: Request) -> JSONResponse:
-    engine = _engine(request)
-
+async def _generate(
+    mode: str, payload: Txt2ImgRequest | Img2ImgRequest, request: Request, engine: EngineDep
+) -> ImageResponse:
     def translate() -> GenerationRequest:
         return from_sdapi(mode, payload.model_dump(), payload.model_fields_set, engine.settings)
 
-    try:
-        _, encoded = await engine.generate(translate, request.is_disconnected)
-    except Exception as exc:  # expected errors become A1111 bodies; others go to the app's handlers
-        response = sdapi_error_for(exc)
-        if response is None:
-            raise
-        return response
+    _, encoded = await engine.generate(translate, request.is_disconnected)
     include = isinstance(payload, Img2ImgRequest) and bool(payload.include_init_images)
-    body = {
-        "images": encoded.images_b64,
-        "parameters": sdapi_parameters(payload.model_dump(), include_init_images=include),
-        "info": json.dumps(encoded.info, ensure_ascii=False),
-    }
-    return JSONResponse(body)
+    return ImageResponse(
+        images=encoded.images_b64,
+        parameters=sdapi_parameters(payload.model_dump(), include_init_images=include),
+        info=json.dumps(encoded.info, ensure_ascii=False),
+    )
 
 
 @router.post("/txt2img", response_model=ImageResponse)
-async def txt2img(payload: Txt2ImgRequest, request: Request) -> Any:
-    return await _generate("txt2img", payload, request)
+async def txt2img(payload: Txt2ImgRequest, request: Request, engine: EngineDep) -> ImageResponse:
+    return await _generate("txt2img", payload, request, engine)
 
 
 @router.post("/img2img", response_model=ImageResponse)
-async def img2img(payload: Img2ImgRequest, request: Request) -> Any:
-    return await _generate("img2img", payload, request)
+async def img2img(payload: Img2ImgRequest, request: Request, engine: EngineDep) -> ImageResponse:
+    return await _generate("img2img", payload, request, engine)
 
 
 # ---------------------------------------------------------------------------- progress and control
 @router.get("/progress", response_model=ProgressResponse)
-async def progress(request: Request, skip_current_image: bool = False) -> Any:
-    return _engine(request).progress.snapshot(skip_current_image)
+async def progress(engine: EngineDep, skip_current_image: bool = False) -> Any:
+    return engine.progress_snapshot(skip_current_image)
 
 
 @router.post("/interrupt")
-async def interrupt(request: Request) -> dict[str, Any]:
-    _engine(request).interrupt()
+async def interrupt(engine: EngineDep) -> dict[str, Any]:
+    engine.interrupt()
     return {}
 
 
 @router.post("/skip")
-async def skip(request: Request) -> None:
-    _engine(request).skip()
+async def skip(engine: EngineDep) -> None:
+    engine.skip()
     return None
 
 
 # ---------------------------------------------------------------------------- options
 @router.get("/options")
-async def get_options(request: Request) -> Any:
-    engine = _engine(request)
-    if engine.options is None:
-        return a1111_error(503, "Models are still loading", "NotReadyError", {"Retry-After": "5"})
-    return engine.options.as_dict()
+async def get_options(engine: ReadyEngineDep) -> Any:
+    return engine.get_options()
 
 
 @router.post("/options")
-async def set_options(request: Request, changes: dict[str, Any] = Body(...)) -> Any:  # noqa: B008
+async def set_options(engine: ReadyEngineDep, changes: dict[str, Any] = Body(...)) -> None:  # noqa: B008
     """Accepts the whole GET dict back; unknown and read-only keys are ignored; returns null."""
-    engine = _engine(request)
-    if engine.options is None:
-        return a1111_error(503, "Models are still loading", "NotReadyError", {"Retry-After": "5"})
-    try:
-        await asyncio.to_thread(engine.options.update, changes)
-    except RequestError as exc:
-        return a1111_error(exc.status_code, exc.message)
-    return None
+    await asyncio.to_thread(engine.set_options, changes)
 
 
 @router.get("/cmd-flags")
-async def cmd_flags(request: Request) -> dict[str, Any]:
+async def cmd_flags(engine: EngineDep) -> dict[str, Any]:
     """A fixed, truthful subset of A1111's flags (the api_auth secret is never shown)."""
-    settings = _engine(request).settings
+    settings = engine.settings
     return {
-        "api": True, "nowebui": True, "listen": settings.host not in LOCAL_HOSTS,
+        "api": True, "nowebui": True, "listen": is_exposed(settings.host),
         "server_name": settings.host, "port": settings.port,
         "api_auth": "<set>" if settings.api_auth else None, "api_log": True, "api_server_stop": False,
         "cors_allow_origins": settings.cors_allow_origins,
@@ -132,9 +110,8 @@ async def cmd_flags(request: Request) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- lists
 @router.get("/sd-models", response_model=list[SDModelItem])
-async def sd_models(request: Request) -> Any:
-    options = _engine(request).options
-    return [options.checkpoint.sd_models_item()] if options and options.checkpoint else []
+async def sd_models(engine: EngineDep) -> Any:
+    return engine.sd_models()
 
 
 @router.get("/samplers", response_model=list[SamplerItem])
@@ -216,10 +193,7 @@ for _path in ("/unload-checkpoint", "/reload-checkpoint"):
 # ---------------------------------------------------------------------------- png-info
 @router.post("/png-info", response_model=PNGInfoResponse)
 async def png_info_route(payload: PNGInfoRequest) -> Any:
-    try:
-        return await asyncio.to_thread(png_info, payload.image)
-    except RequestError as exc:
-        return a1111_error(exc.status_code, exc.message)
+    return await asyncio.to_thread(png_info, payload.image)
 
 
 # ---------------------------------------------------------------------------- interrogate
@@ -232,10 +206,10 @@ INTERROGATE_UNAVAILABLE = (
 @router.post("/interrogate")
 async def interrogate() -> Any:
     """501 in A1111's error shape, as the upstream service answered without its CLIP models."""
-    return a1111_error(501, INTERROGATE_UNAVAILABLE, "NotImplementedError")
+    raise FeatureUnavailableError(INTERROGATE_UNAVAILABLE)
 
 
 @router.post("/interrogate/structured")
 async def interrogate_structured() -> Any:
     """The upstream service's structured variant: also 501 (the picker falls back on any error)."""
-    return a1111_error(501, INTERROGATE_UNAVAILABLE, "NotImplementedError")
+    raise FeatureUnavailableError(INTERROGATE_UNAVAILABLE)
