@@ -7,6 +7,7 @@ cut, the time table and our LCM math against the reference, not against ourselve
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ pytest.importorskip("transformers", reason="needs the export extra (transformers
 from PIL import Image  # noqa: E402
 
 from pi_axera_sd_service.export.models import export_models  # noqa: E402
+from pi_axera_sd_service.export.pulsar2 import build_commands  # noqa: E402
 from pi_axera_sd_service.export.time_table import write_table  # noqa: E402
 from pi_axera_sd_service.pipeline.generate import ImageJob, Pipeline  # noqa: E402
 from pi_axera_sd_service.pipeline.scheduler import img2img_timesteps, txt2img_timesteps  # noqa: E402
@@ -49,15 +51,15 @@ def tiny_pipeline(folder: Path):
         pad_token_id=vocab_size - 1,
     ))
     unet = UNet2DConditionModel(
-        sample_size=64, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=64, block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),  # attention at 16x16 only
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=768, attention_head_dim=4, time_embedding_dim=1280,
     )
     vae = AutoencoderKL(
         block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=2,
-        sample_size=512,
+        sample_size=512, mid_block_add_attention=False,
     )
     with torch.no_grad():  # random init leaves some weights zero; give every layer a visible effect
         for module in (unet, vae):
@@ -195,6 +197,13 @@ def test_layout_manifest_and_pulsar2_configs(exported) -> None:
     assert unet["quant"]["input_configs"][0]["calibration_format"] == "NumpyObject"
     text = json.loads((out / "pulsar2/sd15_text_encoder_sim_u16.json").read_text())
     assert text["input_processors"][0]["src_dtype"] == "U32"
+    for command in build_commands(str(out)):  # the documented commands name files that exist
+        paths = command.split()[3::2]
+        assert (Path(paths[0])).is_file() and Path(paths[-1]).is_file(), command
+
+
+def member(tar: tarfile.TarFile, index: int) -> np.ndarray:
+    return np.load(io.BytesIO(tar.extractfile(tar.getmembers()[index]).read()), allow_pickle=True)
 
 
 def test_calibration_sets(exported, tmp_path: Path) -> None:
@@ -204,14 +213,14 @@ def test_calibration_sets(exported, tmp_path: Path) -> None:
     counts = write_calibration(root / "out", ["a red castle", "a cat"], tmp_path, steps=2)
     assert counts == {"text_encoder": 2, "unet": 4, "vae_decoder": 2, "vae_encoder": 2}
     with tarfile.open(tmp_path / "unet.tar") as tar:
-        sample = np.load(tar.extractfile(tar.getmembers()[0]), allow_pickle=True).item()
+        sample = member(tar, 0).item()
     assert {k: v.shape for k, v in sample.items()} == {
         "sample": (1, 4, 64, 64), "/down_blocks.0/resnets.0/act_1/Mul_output_0": (1, 1280),
         "encoder_hidden_states": (1, 77, 768)}
     with tarfile.open(tmp_path / "vae_decoder.tar") as tar:
-        assert list(np.load(tar.extractfile(tar.getmembers()[0]), allow_pickle=True).item()) == ["x"]
+        assert list(member(tar, 0).item()) == ["x"]
     with tarfile.open(tmp_path / "text_encoder.tar") as tar:
-        ids = np.load(tar.extractfile(tar.getmembers()[0]))
+        ids = member(tar, 0)
     assert ids.shape == (1, 77) and ids[0, 0] == ids.max() - 1  # BOS, then the prompt, EOS padding
     with tarfile.open(tmp_path / "vae_encoder.tar") as tar:
         assert Image.open(tar.extractfile(tar.getmembers()[0])).size == (512, 512)
