@@ -9,8 +9,8 @@ The graphs are toys that behave like the real thing where a user would notice:
 - text encoder: token + position embeddings, causal mixing, LayerNorm -> [1,77,768];
 - UNet: a denoiser whose clean-image guess is a prompt-chosen mix of colourful patterns (per-token
   weighted, so emphasis matters) plus the low frequencies of the noisy sample (so seeds and init images
-  matter); it reads sqrt(alpha_bar) off the time row (a linear probe fitted on the whole table, exact to
-  ~1e-6 at every timestep), so with the LCM math the predicted x0 is that guess at any schedule;
+  matter); it reads sqrt(alpha_bar) off the time row (a linear probe fitted on the table's rows of the LCM
+  skeleton t = 20k - 1, where every LCM schedule lies), so with the LCM math the predicted x0 is that guess;
 - VAE decoder: 1x1 conv, tanh, smooth x8 upsampling; VAE encoder: its approximate inverse.
 """
 
@@ -36,6 +36,7 @@ LATENT_HW = 64
 CONTEXT_LEN, CONTEXT_DIM, TIME_DIM = 77, 768, 1280
 VAE_SCALE = 0.18215
 N_PATTERNS = 32
+LCM_SKIP = 20  # LCM-LoRA's skeleton: t = 20k - 1 (1000 // original_inference_steps 50)
 UNET_TIME_INPUT = "/down_blocks.0/resnets.0/act_1/Mul_output_0"
 
 # --- graph building ------------------------------------------------------------------------------
@@ -180,9 +181,10 @@ def _typical_context(vocab_size: int, token_table: np.ndarray, positions: np.nda
 def _unet(rng: np.random.Generator, table: np.ndarray, typical_context: np.ndarray):
     g = _Graph()
     sample, time, context = "sample", UNET_TIME_INPUT, "encoder_hidden_states"
-    # sqrt(alpha_bar_t) read off the time row by a least-squares linear probe of the whole table.
-    target = np.sqrt(alphas_cumprod()).astype(np.float64)
-    probe = np.linalg.lstsq(table.astype(np.float64), target, rcond=None)[0]
+    # sqrt(alpha_bar_t) read off the time row by a least-squares linear probe of the skeleton rows.
+    skeleton = np.arange(LCM_SKIP - 1, NUM_TRAIN_TIMESTEPS, LCM_SKIP)
+    target = np.sqrt(alphas_cumprod()[skeleton]).astype(np.float64)
+    probe = np.linalg.lstsq(table[skeleton].astype(np.float64), target, rcond=None)[0]
     s = g.op(
         "Clip", g.op("MatMul", time, g.const(_f32(probe[:, None]))), g.const(_f32(0.02)), g.const(_f32(0.98))
     )
