@@ -231,3 +231,39 @@ def test_serve_imports_no_torch() -> None:
             "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_lora_is_fused_into_the_export_and_the_time_table(exported, monkeypatch, tmp_path: Path) -> None:
+    """A LoRA touching attention, resnets and time_embedding.linear_1, fused at 0.7 by both paths."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    _, root, _ = exported
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(str(root / "sd/unet"))
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                target_modules=["to_q", "to_v", "time_emb_proj", "linear_1"]))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "lora"),
+                                              unet_lora_layers=get_peft_model_state_dict(unet))
+    lora_file = tmp_path / "lora/pytorch_lora_weights.safetensors"
+
+    manifest = export_models(str(root / "sd"), tmp_path / "out", lora=str(lora_file), lora_scale=0.7)
+    assert manifest["lora"] == str(lora_file) and manifest["lora_scale"] == 0.7
+    files, backend = resolve_model_files(model_dir=tmp_path / "out", backend="onnxruntime")
+    with_lora = load_models(files, backend)
+
+    reference = StableDiffusionPipeline.from_pretrained(str(root / "sd"), safety_checker=None,
+                                                        requires_safety_checker=False)
+    reference.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    reference.fuse_lora(lora_scale=0.7)
+    expected = diffusers_latents(monkeypatch, reference, 2, 1.0, None, 1.0, seed=5)
+    got = ours(with_lora, txt2img_timesteps(2, True), 1.0, None, seed=5)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+    table = np.load(tmp_path / "out/time_input_table.npy")
+    plain = np.load(root / "out/time_input_table.npy")
+    assert np.abs(table - plain).max() > 1e-3  # the LoRA changed the time embedding
+    summary = write_table(root / "sd", tmp_path / "table.npy", lora=lora_file, lora_scale=0.7)
+    assert summary["lora_layers_fused"] == ["w1"]
+    np.testing.assert_allclose(np.load(tmp_path / "table.npy"), table, atol=2e-5, rtol=0)
