@@ -36,7 +36,9 @@ from pi_axera_sd_service.settings import (
 )
 
 PROG = "pi-axera-sd"
-SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install-service")
+SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install-service", "export-models",
+               "time-table", "calibration")
+EXPORT_EXTRA_HINT = "install the export extra: EXTRAS=onnx,dev,export scripts/install.sh"
 RUNTIME_FIELDS = (*MODEL_PATH_FIELDS, "backend", "device_id", "demo", "cache_dir", "log_level")
 POLICY_FIELDS = ("strict", "guidance", "max_cfg_scale", "max_and_prompts")  # the capability table's settings
 log = logging.getLogger("pi_axera_sd_service.cli")
@@ -206,6 +208,54 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     return int(deploy.main(list(args.deploy_args)) or 0)
 
 
+def cmd_export_models(args: argparse.Namespace) -> int:
+    """Export a diffusers SD1.5 folder (or Hub id) with a fused LCM-LoRA to ONNX files in the upstream
+    layout, with the time table, Pulsar2 build configs and a manifest (needs the `export` extra)."""
+    try:
+        from pi_axera_sd_service.export.models import ExportError, export_models
+    except ImportError as exc:
+        raise CliError(f"export-models needs torch and diffusers ({exc}); {EXPORT_EXTRA_HINT}") from exc
+    try:
+        manifest = export_models(args.source, args.out_dir, lora=args.lora, lora_scale=args.lora_scale,
+                                 latent_size=args.latent_size)
+    except ExportError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"exported to {args.out_dir}: " + ", ".join(manifest["files"]))
+    print(f"next: {PROG} calibration {args.out_dir} --prompts PROMPTS.txt, then pulsar2 build "
+          "(models/README.md)")
+    return 0
+
+
+def cmd_time_table(args: argparse.Namespace) -> int:
+    """Compute time_input_table.npy (every timestep 0..999) from a diffusers UNet folder or a single-file
+    SD1.5 checkpoint, reading only the time-embedding weights (numpy + safetensors; no torch)."""
+    try:
+        from pi_axera_sd_service.export.time_table import TimeTableError, write_table
+    except ImportError as exc:
+        raise CliError(f"time-table needs safetensors ({exc}); {EXPORT_EXTRA_HINT}") from exc
+    try:
+        summary = write_table(args.source, args.out, lora=args.lora, lora_scale=args.lora_scale)
+    except TimeTableError as exc:
+        raise CliError(str(exc)) from exc
+    fused = ", ".join(summary["lora_layers_fused"]) or "none"
+    print(f"time table {summary['shape']} written to {summary['path']} (LoRA layers fused: {fused})")
+    return 0
+
+
+def cmd_calibration(args: argparse.Namespace) -> int:
+    """Write the Pulsar2 calibration sets (text encoder, UNet, VAE decoder, VAE encoder tars) by running
+    the exported ONNX models on the prompts (one per line) through this package's pipeline."""
+    from pi_axera_sd_service.export.pulsar2 import write_calibration
+
+    prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines()]
+    try:
+        counts = write_calibration(args.model_dir, [p for p in prompts if p], args.out, steps=args.steps)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    print("calibration samples: " + ", ".join(f"{role} {n}" for role, n in counts.items()))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -252,6 +302,33 @@ def build_parser() -> argparse.ArgumentParser:
                           description=cmd_make_demo_models.__doc__)
     demo.add_argument("folder", type=Path, help="folder to write")
     demo.set_defaults(func=cmd_make_demo_models)
+
+    exp = sub.add_parser("export-models", help="export SD1.5 + LCM-LoRA to ONNX for Pulsar2 (export extra)",
+                         description=cmd_export_models.__doc__)
+    exp.add_argument("out_dir", type=Path, help="folder to write (the upstream model layout)")
+    exp.add_argument("--source", required=True, help="diffusers SD1.5 folder or Hub id")
+    exp.add_argument("--lora", help="LCM-LoRA: folder, .safetensors file or Hub id (fused into the weights)")
+    exp.add_argument("--lora-scale", type=float, default=1.0, help="LoRA fuse scale (default 1)")
+    exp.add_argument("--latent-size", type=int, help="latent side (default: the UNet's sample_size, 64)")
+    exp.set_defaults(func=cmd_export_models)
+
+    table = sub.add_parser("time-table", help="compute time_input_table.npy (steps 1..MAX_STEPS)",
+                           description=cmd_time_table.__doc__)
+    table.add_argument("out", type=Path, help="output .npy file, or the model folder to write it into")
+    table.add_argument("--source", type=Path, required=True,
+                       help="diffusers folder (or its unet/), or a single-file .safetensors checkpoint")
+    table.add_argument("--lora", type=Path, help="LoRA .safetensors fused first (only if it touches the "
+                       "time embedding)")
+    table.add_argument("--lora-scale", type=float, default=1.0, help="LoRA fuse scale (default 1)")
+    table.set_defaults(func=cmd_time_table)
+
+    calib = sub.add_parser("calibration", help="write Pulsar2 calibration sets from a prompt list",
+                           description=cmd_calibration.__doc__)
+    calib.add_argument("model_dir", type=Path, help="the export-models folder (.onnx files)")
+    calib.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    calib.add_argument("--out", type=Path, help="output folder (default MODEL_DIR/calibration)")
+    calib.add_argument("--steps", type=int, default=4, help="LCM steps per prompt (default 4)")
+    calib.set_defaults(func=cmd_calibration)
 
     inst = sub.add_parser("install-service", help="render/install the systemd unit (install-service --help)",
                           description=cmd_install_service.__doc__, add_help=False)

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_PATH_FIELDS = (
     "model_dir", "text_model_dir", "text_encoder_model", "unet_model", "vae_decoder_model",
-    "vae_encoder_model", "time_input_txt2img",
+    "vae_encoder_model", "time_input_txt2img", "time_input_table",
 )
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pi_axera_sd_service"
 
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     vae_decoder_model: Path | None = Field(None, description="VAE decoder model file")
     vae_encoder_model: Path | None = Field(None, description="VAE encoder model file (img2img)")
     time_input_txt2img: Path | None = Field(None, description="time_input_txt2img.npy (4 x 1280 rows)")
+    time_input_table: Path | None = Field(
+        None, description="time_input_table.npy (1000 x 1280 rows: any LCM schedule); default: in MODEL_DIR"
+    )
     backend: Literal["auto", "axengine", "onnxruntime"] = Field(
         "auto", description="auto: axengine when importable and .axmodel files exist, else onnxruntime"
     )
@@ -59,6 +62,11 @@ class Settings(BaseSettings):
     save_outputs: bool = Field(False, description="Save every /generate image to OUTPUT_DIR (upstream did)")
     state_dir: Path = Field(Path("./state"), description="Persistent options (options.json)")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG responses (1: fast)")
+
+    # --- schedules ---
+    max_steps: int = Field(
+        8, ge=1, description="Most LCM steps run when the models have a time table (at most 50; else 4)"
+    )
 
     # --- capability policy ---
     strict: bool = Field(False, description="Turn every clamp into a 422")

@@ -23,6 +23,7 @@ FILES = [
     "vae_decoder.onnx",
     "vae_encoder.onnx",
     "time_input_txt2img.npy",
+    "time_input_table.npy",
 ]
 
 
@@ -193,3 +194,27 @@ def test_fingerprint_covers_every_generator_module() -> None:
 
     sources = {Path(p).name for p in demo_pack.GENERATOR_SOURCES}
     assert {Path(demo_pack.__file__).name, Path(demo_tokenizer.__file__).name} <= sources
+
+
+def test_pack_table_holds_the_four_rows(pack: Path, models: LoadedModels) -> None:
+    table = np.load(pack / "time_input_table.npy")
+    assert table.shape == (1000, 1280) and table.dtype == np.float32 and models.time.full
+    np.testing.assert_array_equal(np.load(pack / "time_input_txt2img.npy"), table[[999, 759, 499, 259]])
+    np.testing.assert_array_equal(models.time_input(679), table[679:680])
+
+
+def test_table_from_another_unet_is_refused(pack: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pi_axera_sd_service.runtime.session import ModelLoadError
+
+    copy = Path(shutil.copytree(pack, tmp_path / "pack"))
+    np.save(copy / "time_input_table.npy", np.load(copy / "time_input_table.npy") * 1.1)
+    files, backend = resolve_model_files(model_dir=copy, backend="onnxruntime")
+    with pytest.raises(ModelLoadError, match="different UNets"):
+        load_models(files, backend)
+    (copy / "time_input_txt2img.npy").unlink()  # a table alone is enough
+    assert load_models(files, backend).time.full
+    np.save(copy / "time_input_table.npy", np.zeros((999, 1280), np.float32))
+    with pytest.raises(ModelLoadError, match=r"float32\[1000,1280\]"):
+        load_models(files, backend)

@@ -183,26 +183,41 @@ PI_MODEL_FILES = ["models/unet.axmodel", "models/vae_decoder.axmodel", "models/v
 CPU_ONLY_FILES = ["models/unet.onnx", "models/text_encoder/sd15_text_encoder_sim.onnx"]
 
 
-def test_model_download_command_selects_every_pi_file_by_the_installed_hf_parser():
-    """Section 5's `hf download` line, parsed by the argument parser of the `hf` in the venv (no network)."""
+def _hf_download_params(line: str) -> dict:
+    """One `hf download` command line parsed by the argument parser of the `hf` in the venv."""
     click = pytest.importorskip("click")
     hf_app = pytest.importorskip("huggingface_hub.cli.hf").app
-    from huggingface_hub.utils import filter_repo_objects
-
-    lines = [line for block in _bash_blocks(_setup_section(5)) for line in block.splitlines()
-             if "hf download" in line]
-    assert len(lines) == 1, "section 5 shows one hf download command"
-    words = shlex.split(lines[0])
+    words = shlex.split(line)
     assert words[0] == ".venv/bin/hf" and words[1] == "download"
     root = click.Context(hf_app, info_name="hf")
     command = hf_app.get_command(root, "download")
     command = command.materialize() if hasattr(command, "materialize") else command
     params = command.make_context("download", words[2:], parent=root).params
-    assert params["repo_id"] == "AXERA-TECH/lcm-lora-sdv1-5"
     assert not params["filenames"], f"words taken as file names, not patterns: {params['filenames']}"
+    return params
+
+
+def test_model_download_command_selects_every_pi_file_by_the_installed_hf_parser():
+    """Section 5's `hf download` line, parsed by the installed `hf` CLI (no network)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    lines = [line for block in _bash_blocks(_setup_section(5)) for line in block.splitlines()
+             if "hf download AXERA-TECH/" in line]
+    assert len(lines) == 1, "section 5 shows one hf download command for the published models"
+    params = _hf_download_params(lines[0])
+    assert params["repo_id"] == "AXERA-TECH/lcm-lora-sdv1-5"
     chosen = set(filter_repo_objects(PI_MODEL_FILES + CPU_ONLY_FILES, allow_patterns=list(params["include"])))
     assert chosen == set(PI_MODEL_FILES)
     assert params["local_dir"] and f"mv {params['local_dir']}/models/* models/" in _setup_section(5)
+
+
+def test_every_hf_download_in_the_setup_guide_takes_each_pattern_as_a_pattern():
+    """No `--include "a" "b"`: the installed `hf` takes only "a" as a pattern and "b" as a file name."""
+    lines = [line for block in _bash_blocks(SETUP.read_text(encoding="utf-8")) for line in block.splitlines()
+             if "hf download" in line]
+    assert len(lines) >= 2
+    for line in lines:
+        assert _hf_download_params(line)["include"], line
 
 
 def test_version_flag_prints_the_package_version(capsys):

@@ -13,6 +13,8 @@ from pi_axera_sd_service.pipeline.scheduler import (
     boundary_scalings,
     img2img_timesteps,
     lcm_step,
+    lcm_timesteps,
+    max_schedule_steps,
     txt2img_timesteps,
 )
 
@@ -91,3 +93,28 @@ def test_last_step_returns_denoised_without_noise():
 def test_alphas_cumprod_is_read_only():
     with pytest.raises(ValueError):
         scheduler.alphas_cumprod()[0] = 1.0
+
+
+def test_diffusers_schedules_from_pipeline_md():
+    assert lcm_timesteps(3) == [999, 679, 339]
+    assert lcm_timesteps(8) == [999, 879, 759, 639, 499, 379, 259, 139]
+    assert txt2img_timesteps(3, full_table=True) == [999, 679, 339]
+    assert txt2img_timesteps(4, full_table=True) == list(TIMESTEPS)  # the four rows are diffusers' 4 steps
+    assert max_schedule_steps(False, 8) == 4 and max_schedule_steps(True, 8) == 8
+    assert max_schedule_steps(True, 500) == 50
+    with pytest.raises(ValueError):
+        lcm_timesteps(51)
+
+
+@pytest.mark.parametrize("steps", range(1, 9))
+def test_lcm_timesteps_equal_diffusers(steps):
+    pytest.importorskip("diffusers", reason="needs the export extra (diffusers)")
+    from diffusers import LCMScheduler
+
+    reference = LCMScheduler(beta_schedule="scaled_linear", original_inference_steps=50)
+    reference.set_timesteps(steps)
+    assert lcm_timesteps(steps) == reference.timesteps.tolist()
+    for strength in (0.25, 0.5, 0.75, 1.0):  # diffusers' img2img pipeline: the last int(steps*strength)
+        count = min(int(steps * strength), steps)
+        if count and abs(steps * strength - round(steps * strength)) < 1e-9:
+            assert img2img_timesteps(strength, steps, True) == reference.timesteps.tolist()[steps - count:]

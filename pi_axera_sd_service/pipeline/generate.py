@@ -102,8 +102,6 @@ class Pipeline:
         self.unet = UNet(models.unet, models.unet_inputs)
         self.vae_decoder = VaeDecoder(models.vae_decoder)
         self.vae_encoder = VaeEncoder(models.vae_encoder) if models.vae_encoder is not None else None
-        self._time_rows = {int(t): np.asarray(models.time_inputs[i], dtype=np.float32)[None]
-                           for i, t in enumerate(models.timesteps)}
 
     def text_conditioner(self, emphasis: str = "Original") -> TextConditioner:
         """A conditioner whose embedding cache the images of one request share."""
@@ -117,9 +115,9 @@ class Pipeline:
         Pass the request's `conditioner` so each distinct text is encoded once per request.
         """
         timesteps = [int(t) for t in job.timesteps]
-        unknown = [t for t in timesteps if t not in self._time_rows]
-        if not timesteps or unknown:
-            known = tuple(self._time_rows)
+        time = self.models.time
+        if not timesteps or not all(time.has(t) for t in timesteps):
+            known = "0..999" if time.full else str(time.timesteps)
             raise ValueError(f"timesteps must be a non-empty subset of {known}, got {timesteps}")
         timer = _Timer()
         warnings: list[str] = []
@@ -147,7 +145,7 @@ class Pipeline:
         for i, t in enumerate(timesteps):
             with timer("text"):
                 conds, uncond = conditioner.conds_at(plan, i + 1)  # 1-based step
-            time_row = self._time_rows[t]
+            time_row = time.row(t)
             with timer(f"unet_step_{i + 1}", "unet_total"):
                 if guidance:
                     eps_uncond = self.unet.predict(x, time_row, uncond)

@@ -1,6 +1,9 @@
 """LCM scheduler math in numpy (diffusers `LCMScheduler.step`, done by hand).
 
-Only the four timesteps the compiled UNet has time-embedding rows for exist: (999, 759, 499, 259).
+Two kinds of schedule, depending on the time inputs a model folder has:
+- a full time table (a row for every timestep 0..999): diffusers' `LCMScheduler.set_timesteps`
+  schedule for any step count 1..50 (`original_inference_steps` 50);
+- only the four upstream rows (999, 759, 499, 259): the fixed subsets of those for 1..4 steps.
 Everything is float32, as the NPU sessions require.
 """
 
@@ -14,6 +17,7 @@ import numpy as np
 from ..runtime.contract import TIMESTEPS
 
 NUM_TRAIN_TIMESTEPS = 1000
+ORIGINAL_INFERENCE_STEPS = 50  # LCM-LoRA's distillation skeleton: t = 20k - 1, k = 1..50
 BETA_START = 0.00085
 BETA_END = 0.012
 TIMESTEP_SCALING = 10.0
@@ -48,16 +52,40 @@ def boundary_scalings(t: int) -> tuple[float, float]:
     return SIGMA_DATA**2 / denom, scaled / denom**0.5
 
 
-def txt2img_timesteps(steps: int) -> list[int]:
-    """Timesteps for 1..4 steps (the caller clamps `steps`)."""
+def lcm_timesteps(steps: int, original_steps: int = ORIGINAL_INFERENCE_STEPS) -> list[int]:
+    """diffusers' `LCMScheduler.set_timesteps(steps)` (strength 1): `steps` evenly spaced indices,
+    floor(linspace(0, original_steps, steps, endpoint=False)), into the descending skeleton
+    t = k*i - 1 (k = 1000 // original_steps, i = original_steps..1)."""
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"steps must be 1..{original_steps}, got {steps}")
+    k = NUM_TRAIN_TIMESTEPS // original_steps
+    skeleton = np.arange(original_steps, 0, -1) * k - 1
+    indices = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in skeleton[indices]]
+
+
+def max_schedule_steps(full_table: bool, limit: int) -> int:
+    """The most steps a model folder can run: `limit` (at most 50) with a full time table, else 4."""
+    if not full_table:
+        return len(TIMESTEPS)
+    return max(1, min(int(limit), ORIGINAL_INFERENCE_STEPS))
+
+
+def txt2img_timesteps(steps: int, full_table: bool = False) -> list[int]:
+    """Timesteps for `steps` steps (the caller clamps `steps` to `max_schedule_steps`).
+
+    With a full table: diffusers' LCM schedule; with only the four rows: the fixed subsets for 1..4.
+    """
+    if full_table:
+        return lcm_timesteps(steps)
     if steps not in _TXT2IMG_SCHEDULES:
-        raise ValueError(f"steps must be 1..4, got {steps}")
+        raise ValueError(f"steps must be 1..4 with the four time rows, got {steps}")
     return list(_TXT2IMG_SCHEDULES[steps])
 
 
-def img2img_timesteps(strength: float, n: int = 4) -> list[int]:
+def img2img_timesteps(strength: float, n: int = 4, full_table: bool = False) -> list[int]:
     """The last clamp(round(strength*n), 1, n) timesteps of the n-step schedule (halves round up)."""
-    full = txt2img_timesteps(n)
+    full = txt2img_timesteps(n, full_table)
     count = min(max(math.floor(strength * n + 0.5), 1), n)
     return full[n - count :]
 

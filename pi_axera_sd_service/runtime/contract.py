@@ -17,6 +17,9 @@ from .session import DYNAMIC, ModelLoadError, Session, TensorSpec, format_shape_
 TIMESTEPS = (999, 759, 499, 259)   # the LCM timesteps of the time-embedding rows, in order
 CONTEXT_SHAPE = (1, 77, 768)
 TIME_DIM = 1280
+NUM_TRAIN_TIMESTEPS = 1000
+TIME_TABLE_SHAPE = (NUM_TRAIN_TIMESTEPS, TIME_DIM)  # time_input_table.npy: a row for every t = 0..999
+TIME_ROWS_TOLERANCE = 1e-3  # a table and a four-row file from the same UNet agree far closer than this
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 AXMODEL_INPUT_IDS_RULE = "the .axmodel text encoder must take int32 input_ids (the published models do)"
 
@@ -150,6 +153,81 @@ def load_time_inputs(path: Path) -> np.ndarray:
     if not np.issubdtype(rows.dtype, np.floating):
         raise ModelLoadError(f"{path}: time rows: expected float32, found {rows.dtype}", path)
     return np.ascontiguousarray(rows[: len(TIMESTEPS)], dtype=np.float32)
+
+
+def load_time_table(path: Path) -> np.ndarray:
+    """float32 [1000,1280], finite: the UNet's time input for every timestep 0..999."""
+    path = Path(path)
+    if not path.is_file():
+        raise missing_file_error(path, "time table")
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable .npy file: {exc}", path) from exc
+    if table.shape != TIME_TABLE_SHAPE or table.dtype != np.float32:
+        raise ModelLoadError(
+            f"{path}: time table: expected {format_shape_dtype(TIME_TABLE_SHAPE, np.float32)}, "
+            f"found {format_shape_dtype(table.shape, table.dtype)}",
+            path,
+        )
+    bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if bad.size:
+        raise ModelLoadError(f"{path}: time table: non-finite values in the rows of t = {bad[:5].tolist()}",
+                             path)
+    return np.ascontiguousarray(table)
+
+
+@dataclass(frozen=True)
+class TimeInputs:
+    """The UNet's time input rows a model folder provides: a full table (every t = 0..999) or the four
+    upstream rows (999, 759, 499, 259). `full` decides which LCM schedules can run (pipeline.scheduler)."""
+
+    rows: np.ndarray  # float32 [N,1280], row i for timesteps[i]
+    timesteps: tuple[int, ...]
+    source: Path
+
+    @classmethod
+    def from_table(cls, table: np.ndarray, source: Path) -> TimeInputs:
+        return cls(table, tuple(range(len(table))), Path(source))
+
+    @classmethod
+    def from_four_rows(cls, rows: np.ndarray, source: Path) -> TimeInputs:
+        return cls(rows, TIMESTEPS, Path(source))
+
+    @property
+    def full(self) -> bool:
+        """True when every training timestep has a row (any LCM schedule can run)."""
+        return len(self.timesteps) == NUM_TRAIN_TIMESTEPS
+
+    @property
+    def four_rows(self) -> np.ndarray:
+        """float32 [4,1280]: the rows of 999, 759, 499, 259 (what time_input_txt2img.npy holds)."""
+        return np.stack([self.row(t)[0] for t in TIMESTEPS])
+
+    def has(self, t: int) -> bool:
+        return int(t) in self.timesteps
+
+    def row(self, t: int) -> np.ndarray:
+        """float32 [1,1280]: the UNet's time input at timestep `t` (KeyError when there is none)."""
+        if not self.has(t):
+            raise KeyError(f"no time input row for timestep {t} in {self.source}")
+        return self.rows[self.timesteps.index(int(t))][None]
+
+
+def check_time_rows_agree(table: TimeInputs, rows: np.ndarray, rows_path: Path) -> None:
+    """A table and a four-row file next to each other must come from the same UNet."""
+    diff = np.abs(table.four_rows - rows).max(axis=1)
+    scale = np.abs(rows).max(axis=1)
+    limit = TIME_ROWS_TOLERANCE * np.maximum(scale, 1.0)
+    bad = [(t, float(d)) for t, d, lim in zip(TIMESTEPS, diff, limit, strict=True) if d > lim]
+    if bad:
+        worst = ", ".join(f"t={t}: {d:.3g}" for t, d in bad)
+        raise ModelLoadError(
+            f"{table.source} does not match {rows_path} (max abs difference {worst}): they come from "
+            "different UNets; recompute the table from this model's UNet (`pi-axera-sd time-table`) "
+            "or remove one of the two files",
+            table.source,
+        )
 
 
 def check_tokenizer_dir(folder: Path) -> None:

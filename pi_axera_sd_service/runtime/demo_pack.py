@@ -2,13 +2,15 @@
 
 Layout (upstream): `tokenizer/` (CLIP byte-level BPE, written by `demo_tokenizer`),
 `text_encoder/sd15_text_encoder_sim.onnx`, `unet.onnx`, `vae_decoder.onnx`, `vae_encoder.onnx`,
-`time_input_txt2img.npy`.
+`time_input_txt2img.npy` and `time_input_table.npy` (the same SiLU(sinusoid) rows for every timestep 0..999;
+the four-row file is the table at 999, 759, 499, 259).
 
 The graphs are toys that behave like the real thing where a user would notice:
 - text encoder: token + position embeddings, causal mixing, LayerNorm -> [1,77,768];
 - UNet: a denoiser whose clean-image guess is a prompt-chosen mix of colourful patterns (per-token
   weighted, so emphasis matters) plus the low frequencies of the noisy sample (so seeds and init images
-  matter); it reads sqrt(alpha_bar) off the time row, so with the LCM math the predicted x0 is that guess;
+  matter); it reads sqrt(alpha_bar) off the time row (a linear probe fitted on the table's rows of the LCM
+  skeleton t = 20k - 1, where every LCM schedule lies), so with the LCM math the predicted x0 is that guess;
 - VAE decoder: 1x1 conv, tanh, smooth x8 upsampling; VAE encoder: its approximate inverse.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import TIMESTEPS
+from .contract import NUM_TRAIN_TIMESTEPS, TIMESTEPS
 from .demo_tokenizer import write_tokenizer
 
 PACK_VERSION = 1
@@ -34,6 +36,7 @@ LATENT_HW = 64
 CONTEXT_LEN, CONTEXT_DIM, TIME_DIM = 77, 768, 1280
 VAE_SCALE = 0.18215
 N_PATTERNS = 32
+LCM_SKIP = 20  # LCM-LoRA's skeleton: t = 20k - 1 (1000 // original_inference_steps 50)
 UNET_TIME_INPUT = "/down_blocks.0/resnets.0/act_1/Mul_output_0"
 
 # --- graph building ------------------------------------------------------------------------------
@@ -92,11 +95,11 @@ def alphas_cumprod() -> np.ndarray:
     return np.cumprod(1.0 - betas, dtype=np.float32)
 
 
-def time_rows() -> np.ndarray:
-    """float32 [4,1280]: SiLU of the sinusoidal embedding (cos first) of each of TIMESTEPS."""
+def time_table() -> np.ndarray:
+    """float32 [1000,1280]: SiLU of the sinusoidal embedding (cos first) of every timestep 0..999."""
     half = TIME_DIM // 2
     freqs = np.exp(-np.log(10000.0) * np.arange(half) / half)
-    angles = np.asarray(TIMESTEPS, dtype=np.float64)[:, None] * freqs[None, :]
+    angles = np.arange(NUM_TRAIN_TIMESTEPS, dtype=np.float64)[:, None] * freqs[None, :]
     emb = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
     return _f32(emb / (1.0 + np.exp(-emb)))
 
@@ -175,13 +178,13 @@ def _typical_context(vocab_size: int, token_table: np.ndarray, positions: np.nda
     return np.mean(outputs, axis=0)
 
 
-def _unet(rng: np.random.Generator, rows: np.ndarray, typical_context: np.ndarray):
+def _unet(rng: np.random.Generator, table: np.ndarray, typical_context: np.ndarray):
     g = _Graph()
     sample, time, context = "sample", UNET_TIME_INPUT, "encoder_hidden_states"
-    # sqrt(alpha_bar_t) read off the time row by a least-squares linear probe of the four rows.
-    acp = alphas_cumprod()
-    target = np.sqrt(acp[list(TIMESTEPS)]).astype(np.float64)
-    probe = np.linalg.lstsq(rows.astype(np.float64), target, rcond=None)[0]
+    # sqrt(alpha_bar_t) read off the time row by a least-squares linear probe of the skeleton rows.
+    skeleton = np.arange(LCM_SKIP - 1, NUM_TRAIN_TIMESTEPS, LCM_SKIP)
+    target = np.sqrt(alphas_cumprod()[skeleton]).astype(np.float64)
+    probe = np.linalg.lstsq(table[skeleton].astype(np.float64), target, rcond=None)[0]
     s = g.op(
         "Clip", g.op("MatMul", time, g.const(_f32(probe[:, None]))), g.const(_f32(0.02)), g.const(_f32(0.98))
     )
@@ -268,8 +271,9 @@ def make_demo_pack(folder: Path) -> Path:
     (folder / "text_encoder").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(SEED)
     vocab_size = write_tokenizer(folder / "tokenizer")
-    rows = time_rows()
-    np.save(folder / "time_input_txt2img.npy", rows)
+    table = time_table()
+    np.save(folder / "time_input_table.npy", table)
+    np.save(folder / "time_input_txt2img.npy", table[list(TIMESTEPS)])
     orthonormal_rows = np.linalg.qr(rng.normal(0, 1, (4, 3)))[0].T  # [3,4]: every colour reachable
     decoder_weight = orthonormal_rows * DECODER_GAIN * VAE_SCALE  # acts on latent / 0.18215
     decoder_bias = np.array([0.15, 0.0, -0.1])  # a little warm
@@ -278,7 +282,7 @@ def make_demo_pack(folder: Path) -> Path:
     typical_context = _typical_context(vocab_size, token_table, positions)
     models = {
         "text_encoder/sd15_text_encoder_sim.onnx": _text_encoder(vocab_size, token_table, positions),
-        "unet.onnx": _unet(rng, rows, typical_context),
+        "unet.onnx": _unet(rng, table, typical_context),
         "vae_decoder.onnx": _vae_decoder(decoder_weight, decoder_bias),
         "vae_encoder.onnx": _vae_encoder(decoder_weight, decoder_bias),
     }

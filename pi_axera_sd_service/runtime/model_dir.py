@@ -2,8 +2,9 @@
 
 Upstream layout (one MODEL_DIR): `tokenizer/{vocab.json,merges.txt}`,
 `text_encoder/sd15_text_encoder_sim.{axmodel,onnx}`, `unet.*`, `vae_decoder.*`, `vae_encoder.*`
-(optional: img2img), `time_input_txt2img.npy`. TEXT_MODEL_DIR gives `tokenizer/` and `text_encoder/`;
-explicit file settings override both.
+(optional: img2img), `time_input_txt2img.npy` (the four rows of 999, 759, 499, 259) and, optional,
+`time_input_table.npy` (a row for every timestep: any LCM schedule; then the four-row file may be
+absent). TEXT_MODEL_DIR gives `tokenizer/` and `text_encoder/`; explicit file settings override both.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from .contract import (
     AXMODEL_INPUT_IDS_RULE,
     TIMESTEPS,
     TOKENIZER_FILES,
+    TimeInputs,
     UNetInputNames,
     check_text_encoder,
+    check_time_rows_agree,
     check_tokenizer_dir,
     check_unet,
     check_vae_decoder,
     check_vae_encoder,
     load_time_inputs,
+    load_time_table,
     missing_file_error,
 )
 from .session import ModelLoadError, Session, format_shape_dtype, format_specs
@@ -39,6 +43,7 @@ __all__ = [  # UNetInputNames and the checks are re-exported for older imports
     "CheckLine",
     "LoadedModels",
     "ModelFiles",
+    "TimeInputs",
     "UNetInputNames",
     "auto_backend",
     "check_device",
@@ -53,6 +58,8 @@ __all__ = [  # UNetInputNames and the checks are re-exported for older imports
     "format_check_lines",
     "load_models",
     "load_time_inputs",
+    "load_time",
+    "load_time_table",
     "open_model",
     "open_session",
     "resolve_model_files",
@@ -62,6 +69,7 @@ TEXT_ENCODER_FILE = "text_encoder/sd15_text_encoder_sim"
 SUFFIX = {"axengine": ".axmodel", "onnxruntime": ".onnx"}
 BACKENDS = ("auto", "axengine", "onnxruntime")
 DEFAULT_MODEL_DIR = Path("models")
+TIME_TABLE_FILE = "time_input_table.npy"
 
 Wrap = Callable[[str, Session], Session]
 
@@ -76,6 +84,7 @@ class ModelFiles:
     vae_decoder: Path
     vae_encoder: Path | None  # None: not configured and not in the folder (img2img unavailable)
     time_input_txt2img: Path
+    time_input_table: Path | None = None  # None: not configured and not in the folder (four rows only)
 
 
 @dataclass
@@ -88,14 +97,27 @@ class LoadedModels:
     unet: Session
     vae_decoder: Session
     vae_encoder: Session | None
-    time_inputs: np.ndarray
-    timesteps: tuple[int, ...]
+    time: TimeInputs  # the full table or the four rows: `time.full` says which schedules can run
     unet_inputs: UNetInputNames
     latent_shape: tuple[int, int, int, int]
     image_size: tuple[int, int]  # (width, height)
     tokenizer_dir: Path
     model_name: str
     model_sha256: str
+
+    def time_input(self, t: int) -> np.ndarray:
+        """float32 [1,1280]: the UNet's time input at timestep `t` (KeyError when the folder has none)."""
+        return self.time.row(t)
+
+    @property
+    def time_inputs(self) -> np.ndarray:
+        """float32 [4,1280]: the four upstream rows (999, 759, 499, 259), with or without a table."""
+        return self.time.four_rows
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        """The four upstream timesteps, the rows of `time_inputs`."""
+        return TIMESTEPS
 
 
 # --- resolving paths -----------------------------------------------------------------------------
@@ -109,6 +131,7 @@ def resolve_model_files(
     vae_decoder_model: Path | None = None,
     vae_encoder_model: Path | None = None,
     time_input_txt2img: Path | None = None,
+    time_input_table: Path | None = None,
     backend: str = "auto",
 ) -> tuple[ModelFiles, str]:
     """Apply the upstream settings to paths and pick the backend; nothing is checked for existence here
@@ -142,8 +165,13 @@ def resolve_model_files(
         time_input_txt2img=Path(time_input_txt2img)
         if time_input_txt2img
         else base / "time_input_txt2img.npy",
+        time_input_table=Path(time_input_table) if time_input_table else _if_file(base / TIME_TABLE_FILE),
     )
     return files, backend
+
+
+def _if_file(path: Path) -> Path | None:
+    return path if path.is_file() else None
 
 
 def _bases(model_dir: Path | None, text_model_dir: Path | None) -> tuple[Path, Path]:
@@ -215,10 +243,11 @@ def auto_backend(
     vae_decoder_model: Path | None = None,
     vae_encoder_model: Path | None = None,
     time_input_txt2img: Path | None = None,
+    time_input_table: Path | None = None,
 ) -> tuple[str, str]:
     """(backend, why) that BACKEND=auto picks for these settings (the same keywords as
-    resolve_model_files; the time input does not take part)."""
-    del time_input_txt2img
+    resolve_model_files; the time inputs do not take part)."""
+    del time_input_txt2img, time_input_table
     explicit_and_stems = _model_paths(*_bases(model_dir, text_model_dir), text_encoder_model, unet_model,
                                       vae_decoder_model, vae_encoder_model)
     return choose_backend(*explicit_and_stems)
@@ -291,7 +320,7 @@ def load_models(
     why), and once per process on axengine: pyaxengine never frees a session.
     """
     check_tokenizer_dir(files.tokenizer_dir)
-    time_inputs = load_time_inputs(files.time_input_txt2img)
+    time = load_time(files)
     # Check all required files exist before spending seconds loading any of them.
     for path in (files.text_encoder, files.unet, files.vae_decoder):
         if not Path(path).is_file():
@@ -319,8 +348,7 @@ def load_models(
         unet=unet,
         vae_decoder=vae_decoder,
         vae_encoder=vae_encoder,
-        time_inputs=time_inputs,
-        timesteps=TIMESTEPS,
+        time=time,
         unet_inputs=unet_inputs,
         latent_shape=latent,
         image_size=(latent[3] * 8, latent[2] * 8),
@@ -328,6 +356,16 @@ def load_models(
         model_name=files.unet.stem,
         model_sha256=file_sha256(files.unet, cache_dir),
     )
+
+
+def load_time(files: ModelFiles) -> TimeInputs:
+    """The time table when there is one (checked against a four-row file next to it), else the rows."""
+    if files.time_input_table is None:
+        return TimeInputs.from_four_rows(load_time_inputs(files.time_input_txt2img), files.time_input_txt2img)
+    time = TimeInputs.from_table(load_time_table(files.time_input_table), files.time_input_table)
+    if Path(files.time_input_txt2img).is_file():
+        check_time_rows_agree(time, load_time_inputs(files.time_input_txt2img), files.time_input_txt2img)
+    return time
 
 
 # --- hashing -------------------------------------------------------------------------------------
@@ -429,10 +467,12 @@ def check_models(files: ModelFiles, backend: str, device_id: int = 0) -> list[Ch
     except ModelLoadError as exc:
         line("tokenizer", files.tokenizer_dir, status=str(exc))
     try:
-        rows = load_time_inputs(files.time_input_txt2img)
-        line("time_input", files.time_input_txt2img, outputs=format_shape_dtype(rows.shape, rows.dtype))
+        time = load_time(files)
+        covers = "every timestep 0..999" if time.full else "timesteps " + ", ".join(map(str, TIMESTEPS))
+        shape = format_shape_dtype(time.rows.shape, time.rows.dtype)
+        line("time_input", time.source, outputs=f"{shape} ({covers})")
     except ModelLoadError as exc:
-        line("time_input", files.time_input_txt2img, status=str(exc))
+        line("time_input", files.time_input_table or files.time_input_txt2img, status=str(exc))
 
     latent: tuple[int, ...] = (1, 4, 64, 64)  # the contract's size when the UNet cannot tell us
     roles: list[tuple[str, Path | None]] = [
