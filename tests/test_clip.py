@@ -1,4 +1,4 @@
-"""CLIP interrogation below the service: preprocessing, the demo CLIP models, scoring rules, limits, loader."""
+"""CLIP interrogation below the service: preprocessing, demo CLIP models, scoring rules, limits, loader."""
 
 from __future__ import annotations
 
