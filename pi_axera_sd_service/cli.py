@@ -1,4 +1,4 @@
-"""Command line: serve | generate | check-models | make-demo-models | install-service.
+"""Command line: serve | generate | check-models | make-demo-models | install-service | export-clip.
 
 Runs as the console script `pi-axera-sd` and as `python -m pi_axera_sd_service`;
 `pi_axera_sd_generator.py` is the thin entry the upstream systemd unit runs as a file (no subcommand
@@ -35,7 +35,7 @@ from pi_axera_sd_service.settings import (
 )
 
 PROG = "pi-axera-sd"
-SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install-service")
+SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install-service", "export-clip")
 RUNTIME_FIELDS = (*MODEL_PATH_FIELDS, "backend", "device_id", "demo", "cache_dir", "log_level")
 log = logging.getLogger("pi_axera_sd_service.cli")
 
@@ -193,6 +193,24 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     return int(deploy.main(list(args.deploy_args)) or 0)
 
 
+def cmd_export_clip(args: argparse.Namespace) -> int:
+    """Export CLIP for interrogation: ONNX graphs, projections, tag list, Pulsar2 kit (extra `export`)."""
+    try:
+        import torch  # noqa: F401 - checked here for a clear message
+        import transformers  # noqa: F401
+
+        from pi_axera_sd_service.export.clip import export_clip
+    except ImportError as exc:
+        raise CliError(f"export-clip needs the optional extra 'export' ({exc}): "
+                       "EXTRAS=onnx,export scripts/install.sh --force") from None
+    _setup_logging("INFO")
+    written = export_clip(args.out_dir, model=args.model, tags_file=args.tags,
+                          tokenizer_dir=args.tokenizer_dir, images_folder=args.calibration_images)
+    for path in written:
+        print(path)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -233,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
                           description=cmd_make_demo_models.__doc__)
     demo.add_argument("folder", type=Path, help="folder to write")
     demo.set_defaults(func=cmd_make_demo_models)
+
+    export = sub.add_parser("export-clip", help="export CLIP for interrogation (needs the export extra)",
+                            description=cmd_export_clip.__doc__)
+    export.add_argument("out_dir", type=Path, help="folder to write")
+    export.add_argument("--model", default="openai/clip-vit-base-patch32",
+                        help="Hugging Face name or local folder of a CLIPModel (default: ViT-B/32)")
+    export.add_argument("--tags", type=Path, help="tag list, one a line (default: timm's ImageNet-21k)")
+    export.add_argument("--tokenizer-dir", type=Path,
+                        help="vocab.json/merges.txt folder for the text calibration (default: the model's)")
+    export.add_argument("--calibration-images", type=Path,
+                        help="folder of photos for the vision calibration (default: synthetic images)")
+    export.set_defaults(func=cmd_export_clip)
 
     inst = sub.add_parser("install-service", help="render/install the systemd unit (install-service --help)",
                           description=cmd_install_service.__doc__, add_help=False)

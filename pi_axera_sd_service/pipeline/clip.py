@@ -55,6 +55,12 @@ def normalise_rows(vectors: np.ndarray) -> np.ndarray:
 # --- embeddings ----------------------------------------------------------------------------------
 
 
+def label_ids(tokenizer: ClipTokenizer, label: str, template: str = TEMPLATE) -> np.ndarray:
+    """int32 [1,77]: BOS, the templated label's tokens (at most 75), EOS, padding."""
+    ids = tokenize_weighted(tokenizer, [(template.format(label=label), 1.0)])[0]
+    return ids.astype(np.int32)[None]
+
+
 class ClipEncoder:
     """Image and label embeddings (unit vectors of CLIP's 512-d joint space) from loaded ClipModels."""
 
@@ -73,9 +79,7 @@ class ClipEncoder:
         return normalise_rows(pooled.reshape(1, -1) @ self.models.visual_projection)[0]
 
     def label_ids(self, label: str) -> np.ndarray:
-        """int32 [1,77]: BOS, the templated label's tokens (at most 75), EOS, padding."""
-        ids = tokenize_weighted(self.tokenizer, [(self.template.format(label=label), 1.0)])[0]
-        return ids.astype(np.int32)[None]
+        return label_ids(self.tokenizer, label, self.template)
 
     def embed_labels(self, labels: Sequence[str]) -> np.ndarray:
         """float32 [len(labels),512], unit rows: one text call per label (the models are batch 1)."""
