@@ -165,11 +165,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_check_models(args: argparse.Namespace) -> int:
     """One line per model; exit 1 when anything is wrong."""
+    from pi_axera_sd_service.runtime.clip_models import resolve_clip_files
     from pi_axera_sd_service.runtime.model_dir import check_models, format_check_lines
 
     settings = settings_from_args(args)
     files, backend = resolve_files(settings, model_dir=args.folder)
-    lines = check_models(files, backend, settings.device_id)
+    text_dir = files.tokenizer_dir.parent
+    clip_files = resolve_clip_files(backend, text_model_dir=text_dir, **settings.clip_paths())
+    lines = check_models(files, backend, settings.device_id, clip_files)
     print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
     if all(line.ok for line in lines):
         return 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +277,31 @@ def test_axmodel_paths_are_refused_on_onnxruntime(tmp_path: Path) -> None:
         resolve_clip_files("onnxruntime", model_dir=tmp_path, clip_vision_model=tmp_path / "v.axmodel")
     files = resolve_clip_files("axengine", model_dir=tmp_path)
     assert files.vision.name == "clip_base_vision.axmodel" and files.text.name == "clip_base_text.axmodel"
+
+
+def test_check_models_cli_says_interrogation_is_off_and_why(demo_pack: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    shutil.copytree(demo_pack, folder, ignore=shutil.ignore_patterns("clip_*", "interrogate_tags.txt"))
+    proc = subprocess.run([sys.executable, "-m", "pi_axera_sd_service", "check-models", folder],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "interrogation off: no CLIP model at" in proc.stdout and "clip_base_vision.onnx" in proc.stdout
+    env = {**os.environ, "CLIP_VISION_MODEL": str(demo_pack / "clip_base_vision.onnx")}
+    proc = subprocess.run([sys.executable, "-m", "pi_axera_sd_service", "check-models", folder],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert f"[OK] clip_vision: {demo_pack / 'clip_base_vision.onnx'}" in proc.stdout, proc.stdout
+
+
+def test_timm_lemma_list_is_read_without_importing_timm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pi_axera_sd_service.export.clip import timm_imagenet21k_tags
+
+    info = tmp_path / "timm" / "data" / "_info"
+    info.mkdir(parents=True)
+    (tmp_path / "timm" / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    (info / "imagenet21k_goog_synsets.txt").write_text("n1\nn2\nn3\nn4\n")
+    (info / "imagenet_synset_to_lemma.txt").write_text(
+        "n0\tunused\nn1\torganism, being\nn2\tpalm_tree\nn3\torganism\nn4\tsea, ocean\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert timm_imagenet21k_tags() == ["organism", "palm tree", "sea"]
