@@ -103,11 +103,20 @@ class TagScore:
     score: float
 
 
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, best first (a partial sort: the tag list has ~20,000 entries)."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    best = np.argpartition(-scores, k - 1)[:k]
+    return best[np.argsort(-scores[best], kind="stable")]
+
+
 def pick_tags(scores: np.ndarray, labels: Sequence[str], threshold: float, top_k: int) -> list[TagScore]:
     """Tags with cosine >= threshold, best first, at most top_k; the single best when none passes."""
     if len(labels) == 0:
         return []
-    order = np.argsort(-scores, kind="stable")
+    order = top_indices(scores, max(top_k, 1))
     passing = [TagScore(labels[i], float(scores[i])) for i in order[:top_k] if scores[i] >= threshold]
     return passing or [TagScore(labels[order[0]], float(scores[order[0]]))]
 
@@ -119,8 +128,7 @@ def caption_of(tags: Sequence[TagScore]) -> str:
 
 def general_tags(scores: np.ndarray, labels: Sequence[str], threshold: float, top_k: int) -> list[str]:
     """The top_k labels by cosine, keeping those with cosine > threshold (upstream order: best first)."""
-    order = np.argsort(-scores, kind="stable")[:top_k]
-    return [labels[i] for i in order if scores[i] > threshold]
+    return [labels[i] for i in top_indices(scores, top_k) if scores[i] > threshold]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
