@@ -24,10 +24,11 @@ from PIL import Image
 
 from pi_axera_sd_service.pipeline.clip import classify, general_tags, pick_tags, preprocess
 from pi_axera_sd_service.pipeline.images import decode_image_b64
-from pi_axera_sd_service.pipeline.interrogator import Interrogator
+from pi_axera_sd_service.pipeline.interrogator import InterrogationLimits, Interrogator
 from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
 from pi_axera_sd_service.runtime.clip_models import load_clip_models, resolve_clip_files
 from pi_axera_sd_service.runtime.demo_pack import demo_pack_dir
+from pi_axera_sd_service.settings import Settings
 
 UPSTREAM_TAGS = 20_101
 
@@ -49,7 +50,9 @@ def main() -> None:
     pack = demo_pack_dir(args.cache_dir)
     models = load_clip_models(resolve_clip_files("onnxruntime", model_dir=pack), "onnxruntime")
     with tempfile.TemporaryDirectory() as cache:
-        interrogator = Interrogator(models, ClipTokenizer.from_dir(pack / "tokenizer"), Path(cache))
+        limits = InterrogationLimits.from_settings(Settings())
+        tokenizer = ClipTokenizer.from_dir(pack / "tokenizer")
+        interrogator = Interrogator(models, tokenizer, Path(cache), limits, lru_size=64)
         build_ms = median_ms(lambda: interrogator.encoder.embed_labels(["a small red house"]), args.runs)
         interrogator.index.build_all()
         rng = np.random.default_rng(0)

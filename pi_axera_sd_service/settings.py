@@ -95,9 +95,9 @@ class Settings(BaseSettings):
     interrogate_general_top_k: int = Field(
         10, ge=0, description="Most general tags /interrogate/structured returns"
     )
-    interrogate_max_categories: int = Field(32, ge=1, description="Most categories in one structured request")
+    interrogate_max_categories: int = Field(16, ge=1, description="Most categories in one structured request")
     interrogate_max_labels_per_category: int = Field(
-        100, ge=1, description="Most labels in one category of a structured request"
+        50, ge=1, description="Most labels in one category of a structured request"
     )
     interrogate_max_label_chars: int = Field(200, ge=1, description="Longest label of a structured request")
     interrogate_label_cache_size: int = Field(

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,12 @@ from pi_axera_sd_service.runtime.clip_models import (
 )
 from pi_axera_sd_service.runtime.model_dir import format_check_lines
 from pi_axera_sd_service.runtime.session import ModelLoadError
+from pi_axera_sd_service.settings import Settings
 from tests.test_runtime import write_graph
 
 F = 1  # onnx TensorProto.FLOAT
 RED, GREEN, BLUE = (210, 30, 35), (35, 170, 45), (25, 45, 200)
+LIMITS = InterrogationLimits.from_settings(Settings())
 PICKER_CATEGORIES = {  # the picker's knobs send lists like these
     "colour": ["red", "green", "blue", "yellow"],
     "animal": ["cat", "dog"],
@@ -79,7 +82,7 @@ def clip_models(demo_pack: Path) -> ClipModels:
 @pytest.fixture()
 def interrogator(clip_models: ClipModels, tmp_path: Path) -> Interrogator:
     tokenizer = ClipTokenizer.from_dir(clip_models.files.tokenizer_dir)
-    built = Interrogator(clip_models, tokenizer, tmp_path / "cache")
+    built = Interrogator(clip_models, tokenizer, tmp_path / "cache", LIMITS, lru_size=64)
     built.index.build_all()
     return built
 
@@ -179,7 +182,7 @@ def test_structured_leaves_out_empty_categories(interrogator: Interrogator) -> N
 
 def test_interrogation_answers_from_a_partial_tag_cache(clip_models: ClipModels, tmp_path: Path) -> None:
     tokenizer = ClipTokenizer.from_dir(clip_models.files.tokenizer_dir)
-    partial = Interrogator(clip_models, tokenizer, tmp_path)
+    partial = Interrogator(clip_models, tokenizer, tmp_path, LIMITS, lru_size=64)
     empty = partial.interrogate(solid(RED)).response()
     assert empty["caption"] == "" and empty["tags_complete"] is False
     assert empty["tags_prepared"] == f"0/{len(clip_models.tags)}"
@@ -235,7 +238,7 @@ def test_classify_is_a_softmax_over_100_times_cosine() -> None:
     (["red"], "non-empty object"),
 ])
 def test_limits_refuse_with_a_message_naming_the_limit(categories: object, named: str) -> None:
-    limits = InterrogationLimits(max_categories=3, max_labels_per_category=5, max_label_chars=20)
+    limits = replace(LIMITS, max_categories=3, max_labels_per_category=5, max_label_chars=20)
     with pytest.raises(CategoriesError, match=named):
         validate_categories(categories, limits)
     assert validate_categories({"c": ["x" * 20] * 5}, limits) == {"c": ["x" * 20] * 5}

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from pi_axera_sd_service.pipeline.clip import TEMPLATE
-from pi_axera_sd_service.pipeline.interrogator import Interrogator
+from pi_axera_sd_service.pipeline.interrogator import InterrogationLimits, Interrogator
 from pi_axera_sd_service.pipeline.label_cache import LabelEmbeddingLRU, LabelIndex
 from pi_axera_sd_service.pipeline.tokenizer import ClipTokenizer
 from pi_axera_sd_service.runtime.clip_models import load_clip_models, resolve_clip_files
+from pi_axera_sd_service.settings import Settings
 from tests.conftest import WrapRecorder
 
 DIM = 8
@@ -134,7 +135,8 @@ def test_interrogator_restart_loads_the_tag_cache_without_text_model_calls(
     for start in range(2):
         wrap = WrapRecorder()
         models = load_clip_models(files, "onnxruntime", wrap=wrap)
-        interrogator = Interrogator(models, tokenizer, tmp_path / "cache")
+        interrogator = Interrogator(models, tokenizer, tmp_path / "cache",
+                                    InterrogationLimits.from_settings(Settings()), lru_size=16)
         assert interrogator.tags_complete == (start == 1)
         while not interrogator.build_step(4):
             pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -32,15 +33,20 @@ class CategoriesError(ValueError):
 
 @dataclass(frozen=True)
 class InterrogationLimits:
-    """Scoring rules and request limits (settings `interrogate_*`, upstream defaults)."""
+    """Scoring rules and request limits: the settings `interrogate_*` (their defaults are upstream's)."""
 
-    threshold: float = 0.22
-    top_k: int = 10
-    general_threshold: float = 0.2
-    general_top_k: int = 10
-    max_categories: int = 32
-    max_labels_per_category: int = 100
-    max_label_chars: int = 200
+    threshold: float
+    top_k: int
+    general_threshold: float
+    general_top_k: int
+    max_categories: int
+    max_labels_per_category: int
+    max_label_chars: int
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> InterrogationLimits:
+        """From an object with the `interrogate_<field>` attributes (Settings; not imported here)."""
+        return cls(**{name: getattr(settings, f"interrogate_{name}") for name in cls.__dataclass_fields__})
 
 
 def validate_categories(categories: object, limits: InterrogationLimits) -> dict[str, list[str]]:
@@ -77,9 +83,9 @@ class Interrogator:
     """CLIP interrogation: tag-list index (built in slices), category LRU, the two answers."""
 
     def __init__(self, models: ClipModels, tokenizer: ClipTokenizer, cache_dir: Path | None,
-                 limits: InterrogationLimits | None = None, lru_size: int = 4096, template: str = TEMPLATE):
+                 limits: InterrogationLimits, lru_size: int, template: str = TEMPLATE):
         self.models = models
-        self.limits = limits or InterrogationLimits()
+        self.limits = limits
         self.encoder = ClipEncoder(models, tokenizer, template)
         dim = models.text_projection.shape[1]
         self.index = LabelIndex(models.tags, self.encoder.embed_labels, cache_dir,
