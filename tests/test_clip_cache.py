@@ -148,3 +148,21 @@ def test_interrogator_restart_loads_the_tag_cache_without_text_model_calls(
         assert wrap.calls("clip_text") == text_calls  # both labels come from the tag cache
         assert wrap.calls("clip_vision") == 2
     assert answers[0] == answers[1] and answers[0]["caption"].startswith("red")
+
+
+def test_open_interrogator_from_settings_or_off(demo_pack: Path, tmp_path: Path) -> None:
+    from pi_axera_sd_service.pipeline.interrogator import open_interrogator
+    from pi_axera_sd_service.runtime.clip_models import InterrogationOff
+
+    settings = Settings(model_dir=demo_pack, cache_dir=tmp_path, interrogate_top_k=1,
+                        interrogate_threshold=0.0, interrogate_label_cache_size=2)
+    tokenizer = ClipTokenizer.from_dir(demo_pack / "tokenizer")
+    files = resolve_clip_files("onnxruntime", text_model_dir=demo_pack, **settings.clip_paths())
+    interrogator = open_interrogator(files, "onnxruntime", tokenizer, settings)
+    assert isinstance(interrogator, Interrogator) and interrogator.category_labels.max_entries == 2
+    interrogator.index.build_all()
+    assert len(interrogator.interrogate(Image.new("RGB", (64, 64), (20, 200, 30))).tags) == 1
+    missing = settings.model_copy(update={"clip_text_model": tmp_path / "nowhere.onnx"})
+    files = resolve_clip_files("onnxruntime", text_model_dir=demo_pack, **missing.clip_paths())
+    off = open_interrogator(files, "onnxruntime", tokenizer, missing)
+    assert isinstance(off, InterrogationOff) and "nowhere.onnx" in str(off)

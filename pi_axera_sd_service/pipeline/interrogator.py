@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..runtime.clip_models import ClipModels
+from ..runtime.clip_models import ClipFiles, ClipModels, InterrogationOff, Wrap, try_load_clip_models
 from .clip import (
     TEMPLATE,
     ClipEncoder,
@@ -116,3 +116,18 @@ class Interrogator:
         general = general_tags(scores.scores, scores.labels, self.limits.general_threshold,
                                self.limits.general_top_k)
         return StructuredInterrogation(results, general, scores.complete, scores.ready, scores.total)
+
+
+def open_interrogator(clip_files: ClipFiles, backend: str, tokenizer: ClipTokenizer, settings: Any,
+                      wrap: Wrap | None = None) -> Interrogator | InterrogationOff:
+    """Load the CLIP models and build the Interrogator from Settings, or say why interrogation is off.
+
+    `clip_files`: `resolve_clip_files(backend, text_model_dir=files.tokenizer_dir.parent,
+    **settings.clip_paths())`; `tokenizer`: the pipeline's (same vocabulary). The tag cache is not built
+    here: call `build_step` between jobs.
+    """
+    loaded = try_load_clip_models(clip_files, backend, settings.device_id, wrap, settings.cache_dir)
+    if isinstance(loaded, InterrogationOff):
+        return loaded
+    return Interrogator(loaded, tokenizer, settings.cache_dir, InterrogationLimits.from_settings(settings),
+                        settings.interrogate_label_cache_size)
