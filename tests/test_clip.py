@@ -308,3 +308,13 @@ def test_timm_lemma_list_is_read_without_importing_timm(
         "n0\tunused\nn1\torganism, being\nn2\tpalm_tree\nn3\torganism\nn4\tsea, ocean\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert timm_imagenet21k_tags() == ["organism", "palm tree", "sea"]
+
+
+def test_tag_list_skips_blanks_and_repeats_and_refuses_an_empty_file(tmp_path: Path) -> None:
+    from pi_axera_sd_service.runtime.clip_models import read_tags
+
+    (tmp_path / "tags.txt").write_text(" dog \n\ncat\ndog\n", encoding="utf-8")
+    assert read_tags(tmp_path / "tags.txt") == ["dog", "cat"]
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="empty"):
+        read_tags(tmp_path / "empty.txt")

@@ -163,7 +163,7 @@ def load_projection(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def read_tags(path: Path) -> list[str]:
-    """One tag per line, stripped, blank lines skipped (ModelLoadError when unreadable or empty)."""
+    """One tag a line, stripped; blanks and repeats skipped (ModelLoadError when unreadable or empty)."""
     path = Path(path)
     if not path.is_file():
         raise missing_file_error(path, "tag list")
@@ -171,7 +171,7 @@ def read_tags(path: Path) -> list[str]:
         tags = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: unreadable tag list: {exc}", path) from exc
-    tags = [tag for tag in tags if tag]
+    tags = list(dict.fromkeys(tag for tag in tags if tag))
     if not tags:
         raise ModelLoadError(f"{path}: the tag list is empty", path)
     return tags
