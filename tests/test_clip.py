@@ -318,3 +318,16 @@ def test_tag_list_skips_blanks_and_repeats_and_refuses_an_empty_file(tmp_path: P
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(ModelLoadError, match="empty"):
         read_tags(tmp_path / "empty.txt")
+
+
+def test_serving_and_interrogation_import_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys\n"
+        "import pi_axera_sd_service.api.app, pi_axera_sd_service.cli\n"
+        "import pi_axera_sd_service.pipeline.interrogator, pi_axera_sd_service.runtime.demo_clip\n"
+        "import pi_axera_sd_service.export.clip\n"  # the exporter imports them only when it runs
+        "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
