@@ -61,6 +61,13 @@ def _word_ids(vocab: dict[str, int], words: tuple[str, ...]) -> list[int]:
     return [vocab[f"{w}</w>"] for w in words]
 
 
+def _signed_selection(rng: np.random.Generator, rows: int) -> np.ndarray:
+    """[rows,512] with orthonormal columns: a random signed permutation (a dense QR is slow on busy BLAS)."""
+    matrix = np.zeros((rows, EMBED_DIM))
+    matrix[rng.permutation(rows)[:EMBED_DIM], np.arange(EMBED_DIM)] = rng.choice([-1.0, 1.0], EMBED_DIM)
+    return matrix
+
+
 def _vision(refs: np.ndarray, mixing: np.ndarray):
     g = _Graph()
     mean = g.op("ReduceMean", "pixel_values", axes=[2, 3], keepdims=0)  # [1,3], normalised units
@@ -101,8 +108,8 @@ def write_demo_clip(folder: Path) -> None:
     specials = {vocab["<|startoftext|>"], vocab["<|endoftext|>"]}
     # One unit direction of the joint space per tag (orthonormal), colours first.
     directions = np.linalg.qr(rng.normal(0, 1, (EMBED_DIM, len(DEMO_TAGS))))[0].T  # [tags,512]
-    text_projection = np.linalg.qr(rng.normal(0, 1, (TEXT_WIDTH, EMBED_DIM)))[0]  # orthogonal
-    visual_projection = np.linalg.qr(rng.normal(0, 1, (VISION_WIDTH, EMBED_DIM)))[0]  # orthonormal columns
+    text_projection = _signed_selection(rng, TEXT_WIDTH)  # orthogonal
+    visual_projection = _signed_selection(rng, VISION_WIDTH)  # orthonormal columns
     # Token vectors live before the projection: row @ text_projection is the wanted joint-space vector.
     noise = rng.normal(0, 1, (len(vocab), EMBED_DIM))
     joint = noise / np.linalg.norm(noise, axis=1, keepdims=True) * OTHER_TOKEN_NORM
