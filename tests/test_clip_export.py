@@ -87,6 +87,8 @@ def test_export_writes_static_graphs_and_a_pulsar2_kit(exported) -> None:
         assert graph.opset_import[0].version == 14
         dims = graph.graph.input[0].type.tensor_type.shape.dim
         assert [d.dim_value for d in dims] == want and not any(d.dim_param for d in dims)
+        ops = {node.op_type for node in graph.graph.node}
+        assert "Softmax" in ops and "MatMul" in ops  # eager attention, spelled out in plain ops
     kit = root / "pulsar2"
     text_config = json.loads((kit / "clip_text_u16.json").read_text())
     assert text_config["quant"]["input_configs"][0]["tensor_name"] == "input_ids"
