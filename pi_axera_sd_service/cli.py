@@ -1,4 +1,4 @@
-"""Command line: serve | generate | check-models | make-demo-models | install-service.
+"""Command line: serve | generate | check-models | make-demo-models | install-service | export-clip.
 
 Runs as the console script `pi-axera-sd` and as `python -m pi_axera_sd_service`;
 `pi_axera_sd_generator.py` is the thin entry the upstream systemd unit runs as a file (no subcommand
@@ -37,7 +37,7 @@ from pi_axera_sd_service.settings import (
 
 PROG = "pi-axera-sd"
 SUBCOMMANDS = ("serve", "generate", "check-models", "make-demo-models", "install-service", "export-models",
-               "time-table", "calibration")
+               "time-table", "calibration", "export-clip")
 EXPORT_EXTRA_HINT = "install the export extra: EXTRAS=onnx,dev,export scripts/install.sh"
 RUNTIME_FIELDS = (*MODEL_PATH_FIELDS, "backend", "device_id", "demo", "cache_dir", "log_level")
 POLICY_FIELDS = ("strict", "guidance", "max_cfg_scale", "max_and_prompts")  # the capability table's settings
@@ -170,7 +170,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_check_models(args: argparse.Namespace) -> int:
     """The backend and why, then each model file against the I/O contract: one block per item
     ([OK] or [FAIL], its inputs and outputs), then `all models OK` or `N problem(s) found`;
-    exit 1 when anything is wrong."""
+    exit 1 when anything is wrong. The CLIP interrogation files follow (or why interrogation is off)."""
+    from pi_axera_sd_service.runtime.clip_models import resolve_clip_files
     from pi_axera_sd_service.runtime.model_dir import auto_backend, check_models, format_check_lines
 
     settings = settings_from_args(args)
@@ -184,7 +185,9 @@ def cmd_check_models(args: argparse.Namespace) -> int:
     else:
         why = f"BACKEND={settings.backend}"
     print(f"backend: {backend} ({why})")
-    lines = check_models(files, backend, settings.device_id)
+    text_dir = files.tokenizer_dir.parent
+    clip_files = resolve_clip_files(backend, text_model_dir=text_dir, **settings.clip_paths())
+    lines = check_models(files, backend, settings.device_id, clip_files)
     print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
     if all(line.ok for line in lines):
         return 0
@@ -253,6 +256,23 @@ def cmd_calibration(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     print("calibration samples: " + ", ".join(f"{role} {n}" for role, n in counts.items()))
+    return 0
+
+
+def cmd_export_clip(args: argparse.Namespace) -> int:
+    """Export CLIP for interrogation: ONNX graphs, projections, tag list, Pulsar2 kit (extra `export`)."""
+    try:
+        import torch  # noqa: F401 - checked here for a clear message
+        import transformers  # noqa: F401
+
+        from pi_axera_sd_service.export.clip import export_clip
+    except ImportError as exc:
+        raise CliError(f"export-clip needs torch and transformers ({exc}); {EXPORT_EXTRA_HINT}") from None
+    _setup_logging("INFO")
+    written = export_clip(args.out_dir, model=args.model, tags_file=args.tags,
+                          tokenizer_dir=args.tokenizer_dir, images_folder=args.calibration_images)
+    for path in written:
+        print(path)
     return 0
 
 
@@ -329,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--out", type=Path, help="output folder (default MODEL_DIR/calibration)")
     calib.add_argument("--steps", type=int, default=4, help="LCM steps per prompt (default 4)")
     calib.set_defaults(func=cmd_calibration)
+
+    export = sub.add_parser("export-clip", help="export CLIP for interrogation (needs the export extra)",
+                            description=cmd_export_clip.__doc__)
+    export.add_argument("out_dir", type=Path, help="folder to write")
+    export.add_argument("--model", default="openai/clip-vit-base-patch32",
+                        help="Hugging Face name or local folder of a CLIPModel (default: ViT-B/32)")
+    export.add_argument("--tags", type=Path, help="tag list, one a line (default: timm's ImageNet-21k)")
+    export.add_argument("--tokenizer-dir", type=Path,
+                        help="vocab.json/merges.txt folder for the text calibration (default: the model's)")
+    export.add_argument("--calibration-images", type=Path,
+                        help="folder of photos for the vision calibration (default: synthetic images)")
+    export.set_defaults(func=cmd_export_clip)
 
     inst = sub.add_parser("install-service", help="render/install the systemd unit (install-service --help)",
                           description=cmd_install_service.__doc__, add_help=False)

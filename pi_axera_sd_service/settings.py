@@ -17,6 +17,10 @@ MODEL_PATH_FIELDS = (
     "model_dir", "text_model_dir", "text_encoder_model", "unet_model", "vae_decoder_model",
     "vae_encoder_model", "time_input_txt2img", "time_input_table",
 )
+CLIP_PATH_FIELDS = (
+    "clip_vision_model", "clip_text_model", "clip_visual_projection", "clip_text_projection",
+    "interrogate_tags_file",
+)
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pi_axera_sd_service"
 
 
@@ -75,6 +79,42 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(8, ge=1, description="batch_size x n_iter cap")
     max_and_prompts: int = Field(3, ge=1, description="Sub-prompts joined with AND that are run")
 
+    # --- interrogation ---
+    clip_vision_model: Path | None = Field(
+        None, description="CLIP vision model (default TEXT_MODEL_DIR/clip_base_vision.axmodel or .onnx)"
+    )
+    clip_text_model: Path | None = Field(
+        None, description="CLIP text model (default TEXT_MODEL_DIR/clip_base_text.axmodel or .onnx)"
+    )
+    clip_visual_projection: Path | None = Field(
+        None, description="Projection .npy [768,512] (default TEXT_MODEL_DIR/clip_visual_projection.npy)"
+    )
+    clip_text_projection: Path | None = Field(
+        None, description="Text projection .npy [512,512] (default TEXT_MODEL_DIR/clip_text_projection.npy)"
+    )
+    interrogate_tags_file: Path | None = Field(
+        None, description="Tag list, one per line (default TEXT_MODEL_DIR/interrogate_tags.txt)"
+    )
+    interrogate_threshold: float = Field(0.22, description="Lowest cosine a tag needs in /interrogate")
+    interrogate_top_k: int = Field(10, ge=1, description="Most tags /interrogate returns")
+    interrogate_general_threshold: float = Field(
+        0.2, description="Cosine a general tag of /interrogate/structured must exceed"
+    )
+    interrogate_general_top_k: int = Field(
+        10, ge=0, description="Most general tags /interrogate/structured returns"
+    )
+    interrogate_max_categories: int = Field(16, ge=1, description="Most categories in one structured request")
+    interrogate_max_labels_per_category: int = Field(
+        50, ge=1, description="Most labels in one category of a structured request"
+    )
+    interrogate_max_label_chars: int = Field(200, ge=1, description="Longest label of a structured request")
+    interrogate_label_cache_size: int = Field(
+        4096, ge=0, description="Category label embeddings kept in memory (LRU)"
+    )
+    interrogate_build_slice: int = Field(
+        16, ge=1, description="Tag-list labels encoded per step between jobs while the tag cache builds"
+    )
+
     # --- queue and limits ---
     max_queue: int = Field(16, ge=1, description="Jobs waiting for the NPU before 503")
     queue_timeout: float = Field(300.0, gt=0, description="Seconds a job may wait before 503")
@@ -95,6 +135,10 @@ class Settings(BaseSettings):
     def model_paths(self) -> dict[str, Path | None]:
         """The model path settings, as keyword arguments for `resolve_model_files`."""
         return {name: getattr(self, name) for name in MODEL_PATH_FIELDS}
+
+    def clip_paths(self) -> dict[str, Path | None]:
+        """The interrogation path settings, as keyword arguments for `resolve_clip_files`."""
+        return {name: getattr(self, name) for name in CLIP_PATH_FIELDS}
 
     @property
     def model_paths_configured(self) -> bool:

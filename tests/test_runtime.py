@@ -232,6 +232,12 @@ def test_check_models_reports_every_model_and_the_fault(pack: Path) -> None:
         "unet": True,
         "vae_decoder": False,
         "vae_encoder": True,
+        "clip_vision": True,
+        "clip_text": True,
+        "clip_visual_projection": True,
+        "clip_text_projection": True,
+        "interrogate_tags": True,
+        "interrogation": True,
     }
     report = format_check_lines(lines)
     assert "[FAIL] vae_decoder" in report and "x float32[1,4,32,32]" in report

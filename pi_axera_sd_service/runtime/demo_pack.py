@@ -288,10 +288,15 @@ def make_demo_pack(folder: Path) -> Path:
     }
     for relative, model in models.items():
         onnx.save_model(model, str(folder / relative))
+    from .demo_clip import write_demo_clip  # here: demo_clip builds on this module's helpers
+
+    write_demo_clip(folder)
     return folder
 
 
-GENERATOR_SOURCES = (Path(__file__), Path(__file__).with_name("demo_tokenizer.py"))
+GENERATOR_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("demo_pack.py", "demo_tokenizer.py", "demo_clip.py")
+)
 
 
 def _generator_fingerprint() -> str:

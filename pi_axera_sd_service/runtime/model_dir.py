@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from .contract import (
     missing_file_error,
 )
 from .session import ModelLoadError, Session, format_shape_dtype, format_specs
+
+if TYPE_CHECKING:
+    from .clip_models import ClipFiles
 
 __all__ = [  # UNetInputNames and the checks are re-exported for older imports
     "BACKENDS",
@@ -445,11 +449,14 @@ class CheckLine:
         return self.status == "OK" or self.status.startswith("not configured")
 
 
-def check_models(files: ModelFiles, backend: str, device_id: int = 0) -> list[CheckLine]:
+def check_models(
+    files: ModelFiles, backend: str, device_id: int = 0, clip_files: ClipFiles | None = None
+) -> list[CheckLine]:
     """Check every file independently (one failure does not hide the others).
 
     On axengine the device is checked first (a `device` line); a runtime that cannot start or a
-    device index out of range raises ModelLoadError instead, as no model could load.
+    device index out of range raises ModelLoadError instead, as no model could load. The CLIP
+    interrogation files follow (`clip_files`; default: their names next to `tokenizer/`).
     """
     lines: list[CheckLine] = []
     device = check_device(backend, device_id)
@@ -502,7 +509,11 @@ def check_models(files: ModelFiles, backend: str, device_id: int = 0) -> list[Ch
         inputs = format_specs(session.inputs) if session is not None else "-"
         outputs = format_specs(session.outputs) if session is not None else "-"
         line(role, path, inputs, outputs, status)
-    return lines
+    from .clip_models import clip_check_lines, resolve_clip_files  # it builds on this module
+
+    if clip_files is None:
+        clip_files = resolve_clip_files(backend, text_model_dir=files.tokenizer_dir.parent)
+    return lines + clip_check_lines(clip_files, backend, device_id)
 
 
 def format_check_lines(lines: list[CheckLine]) -> str:
