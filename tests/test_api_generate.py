@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def test_txt2img_returns_the_contract_and_is_deterministic_by_seed(app_client) -
     assert first.status_code == 200, first.text
     data = first.json()
     assert data["status"] == "ok" and data["seed"] == 1234 and data["seeds"] == [1234]
-    assert data["images"] == [data["base64"]] and "path" not in data
+    assert "images" not in data and "path" not in data   # one image is sent once, as `base64`
     assert data["total_time_ms"] >= data["text_time_ms"] >= 0 and data["warnings"] == []
     img = decode(data["base64"])
     assert img.size == (512, 512) and "Seed: 1234" in img.info["parameters"]
@@ -47,12 +48,30 @@ def test_random_seed_and_seed_plus_i_across_a_batch(app_client) -> None:
     data = app_client.post(
         "/generate", json={"mode": "txt2img", "prompt": "x", "seed": -1, "batch_size": 2}
     ).json()
-    assert len(data["images"]) == 2 and 0 <= data["seed"] < 2**32
+    assert len(data["images"]) == 2 and data["images"][0] == data["base64"] and 0 <= data["seed"] < 2**32
     assert data["seeds"] == [data["seed"], data["seed"] + 1]
     single = app_client.post(
         "/generate", json={"mode": "txt2img", "prompt": "x", "seed": data["seeds"][1]}
     ).json()
     assert np.array_equal(np.asarray(decode(single["base64"])), np.asarray(decode(data["images"][1])))
+
+
+def test_one_image_answer_is_the_base64_png_plus_the_fields(app_client) -> None:
+    """One image travels once: the answer is within 5% of the base64 PNG plus the other fields."""
+    resp = app_client.post("/generate", json={"mode": "txt2img", "prompt": "a lighthouse", "seed": 3})
+    data = resp.json()
+    fields = {key: value for key, value in data.items() if key != "base64"}
+    expected = len(data["base64"]) + len(json.dumps(fields))
+    assert "images" not in data and len(data["base64"]) > 100_000
+    assert len(resp.content) <= 1.05 * expected, (len(resp.content), expected)
+
+
+def test_return_images_asks_for_the_images_list_of_one_image(app_client) -> None:
+    body = {"mode": "txt2img", "prompt": "a lighthouse", "seed": 3, "return_images": True}
+    data = app_client.post("/generate", json=body).json()
+    assert data["images"] == [data["base64"]]
+    bad = app_client.post("/generate", json={**body, "return_images": "sometimes"})
+    assert bad.status_code == 400 and "return_images" in bad.json()["error"]
 
 
 def test_picker_payload_with_both_init_fields_runs_img2img_with_warnings(app_client) -> None:
@@ -76,7 +95,7 @@ def test_picker_payload_with_both_init_fields_runs_img2img_with_warnings(app_cli
     resp = app_client.post("/generate", json=picker)
     assert resp.status_code == 200, resp.text
     data = resp.json()
-    assert decode(data["images"][0]).size == (512, 512)
+    assert decode(data["base64"]).size == (512, 512)   # the picker's fallback once `images` is absent
     warnings = " ".join(data["warnings"])
     assert "steps 7" in warnings and "DPM++ 2M" in warnings
     info = decode(data["base64"]).info["parameters"]

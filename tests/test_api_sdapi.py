@@ -98,6 +98,29 @@ def test_txt2img_echoes_seed_as_sent_and_reports_what_ran(app_client) -> None:
     assert body["parameters"]["steps"] == 20
 
 
+def test_parameters_echo_the_request_with_a1111_defaults_while_info_reports_what_ran(app_client) -> None:
+    """A1111 answers `vars(request)`: sent values as sent, its own defaults for omitted fields."""
+    body = app_client.post("/sdapi/v1/txt2img", json={"prompt": "p", "seed": 5, "steps": 3}).json()
+    params, info = body["parameters"], json.loads(body["info"])
+    assert (params["prompt"], params["seed"], params["steps"]) == ("p", 5, 3)   # as sent
+    assert (params["cfg_scale"], params["sampler_name"], params["sampler_index"]) == (7.0, None, "Euler")
+    assert (params["width"], params["batch_size"], params["denoising_strength"]) == (512, 1, None)
+    assert (info["steps"], info["cfg_scale"], info["sampler_name"]) == (3, 1.0, "LCM")   # what ran
+    omitted = json.loads(app_client.post("/sdapi/v1/txt2img", json={"prompt": "p"}).json()["info"])
+    assert (omitted["steps"], omitted["cfg_scale"]) == (4, 1.0) and omitted["warnings"] == []
+
+
+def test_img2img_parameters_keep_include_init_images_as_a1111(app_client) -> None:
+    sent = {"prompt": "p", "init_images": [png_b64()], "seed": 3}
+    params = app_client.post("/sdapi/v1/img2img", json=sent).json()["parameters"]
+    assert params["include_init_images"] is False and params["init_images"] is None and params["mask"] is None
+    assert params["denoising_strength"] == 0.75 and params["resize_mode"] == 0   # A1111's img2img defaults
+    kept = app_client.post(
+        "/sdapi/v1/img2img", json={**sent, "include_init_images": True}
+    ).json()["parameters"]
+    assert kept["include_init_images"] is True and kept["init_images"] == sent["init_images"]
+
+
 @pytest.mark.parametrize("prefix", ["", "data:image/png;base64,"])
 def test_img2img_raw_and_data_uri(app_client, prefix: str) -> None:
     init = prefix + png_b64()

@@ -85,6 +85,36 @@ def test_clamped_fields_warn_or_reject(strict: bool, field: str, fields: dict, c
         assert any(field in w for w in result.warnings), result.warnings
 
 
+@pytest.mark.parametrize(("field", "fields", "check"), CLAMPS)
+def test_strict_refusals_say_nothing_ran_warnings_say_what_ran(field: str, fields: dict, check) -> None:
+    warning = outcome(make_table(), req(**fields)).warnings[0]
+    refusal = outcome(make_table(strict=True), req(**fields)).message
+    assert "; ran " in warning or "; generated " in warning, warning
+    assert "refused in strict mode" in refusal and " ran " not in refusal and "generated" not in refusal
+    assert refusal.split(";")[0] == warning.split(";")[0]   # the same statement of the problem
+
+
+@pytest.mark.parametrize(
+    ("fields", "warning", "refusal"),
+    [
+        (dict(steps=9), "steps 9 is not supported (1–4); ran 4",
+         "steps 9 is not supported (1–4); refused in strict mode"),
+        (dict(cfg_scale=7.0), "cfg_scale 7 is above the maximum 2; ran 2",
+         "cfg_scale 7 is above the maximum 2; refused in strict mode"),
+        (dict(sampler_name="Euler a"), "sampler_name 'Euler a' is not available; ran LCM",
+         "sampler_name 'Euler a' is not available; refused in strict mode "
+         "(supported: LCM or its aliases k_lcm, lcm)"),
+        (dict(width=768),
+         "width x height 768x512 is not supported; generated 512x512 (the compiled models' size)",
+         "width x height 768x512 is not supported; refused in strict mode "
+         "(supported: 512x512, the compiled models' size)"),
+    ],
+)
+def test_clamp_messages_under_each_policy(fields: dict, warning: str, refusal: str) -> None:
+    assert make_table().apply(req(**fields)).warnings == (warning,)
+    assert outcome(make_table(strict=True), req(**fields)).message == refusal
+
+
 # ---------------------------------------------------------------- warn under both policies
 WARNINGS = [
     (dict(scheduler="normal"), "scheduler"),

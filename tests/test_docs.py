@@ -334,6 +334,16 @@ def test_readme_strict_statuses_are_what_the_service_answers(make_client, settin
     assert str(answer.status_code) == generate and answer.json()["status"] == "error"
 
 
+def test_api_doc_quotes_the_warning_and_the_strict_refusal_the_service_gives(make_client, settings_factory):
+    text = " ".join(_api_doc().split())
+    warning, refusal = re.search(r"says what ran instead \(`([^`]+)`\).*?and what is supported \(`([^`]+)`\)",
+                                 text).groups()
+    body = {"mode": "txt2img", "prompt": "p", "steps": 9}
+    assert make_client(settings_factory()).post("/generate", json=body).json()["warnings"] == [warning]
+    strict = make_client(settings_factory(strict=True)).post("/sdapi/v1/txt2img", json=body)
+    assert strict.status_code == 422 and strict.json()["detail"] == refusal
+
+
 def test_readme_lists_every_flag_of_the_run_scripts():
     readme = README.read_text(encoding="utf-8")
     paragraph = readme.split("The upstream scripts' flags keep working", 1)[1].split("\n\n", 1)[0]

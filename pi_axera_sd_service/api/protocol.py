@@ -39,12 +39,16 @@ class GenerateRequest(_Lenient):
     strength: float | None = None
     resize_mode: int | None = None
     task_id: str | None = None
+    return_images: bool | None = None   # true: `images` also for a single image
 
 
 class GenerateResponse(BaseModel):
+    """`base64` is the first image (the seed contract); `images` (all of them) only when there are
+    several or the request set `return_images`, so one picture is not sent twice."""
+
     status: str = "ok"
     base64: str | None
-    images: list[str]
+    images: list[str] | None = None
     seed: int | None
     seeds: list[int]
     text_time_ms: float

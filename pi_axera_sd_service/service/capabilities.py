@@ -180,11 +180,17 @@ class CapabilityTable:
         }
 
     # ------------------------------------------------------------------ the policy
-    def _deviate(self, row_field: str, field: str, message: str, warnings: list[str]) -> None:
-        """Warn, or raise CapabilityError when the row's action under the policy is `reject`."""
+    def _deviate(
+        self, row_field: str, field: str, problem: str, outcome: str, warnings: list[str], supported: str = ""
+    ) -> None:
+        """Warn "<problem>; <outcome>" (what ran instead), or, when the row's action under the policy is
+        `reject`, raise CapabilityError saying the value was refused (nothing ran) and what is supported.
+
+        `supported` is added to the refusal when `problem` does not already state the range."""
         if self.row(row_field).action(self.strict) == "reject":
-            raise CapabilityError(field, message + " (strict mode)" if self.strict else message)
-        warnings.append(message)
+            refusal = f"{problem}; refused in strict mode" if self.strict else f"{problem}; refused"
+            raise CapabilityError(field, f"{refusal} (supported: {supported})" if supported else refusal)
+        warnings.append(f"{problem}; {outcome}")
 
     def apply(
         self, req: GenerationRequest, options: OptionsStore | Mapping[str, Any] | None = None
@@ -243,19 +249,21 @@ class CapabilityTable:
                 name, scheduler = name[: -len(option) - 1].strip(), option
                 break
         if name and name.lower() not in {SAMPLER_NAME.lower(), *SAMPLER_ALIASES}:
-            self._deviate("sampler_name", "sampler_name",
-                          f"sampler_name '{r.sampler_name}' is not available; ran {SAMPLER_NAME}", warnings)
+            self._deviate("sampler_name", "sampler_name", f"sampler_name '{r.sampler_name}' is not available",
+                          f"ran {SAMPLER_NAME}", warnings,
+                          supported=f"{SAMPLER_NAME} or its aliases {', '.join(SAMPLER_ALIASES)}")
         if scheduler and scheduler.lower() != SCHEDULER_NAME:
-            self._deviate("scheduler", "scheduler", f"scheduler '{scheduler}' is not available; ran the "
-                          f"fixed LCM schedule ({SCHEDULER_NAME})", warnings)
+            self._deviate("scheduler", "scheduler", f"scheduler '{scheduler}' is not available",
+                          f"ran the fixed LCM schedule ({SCHEDULER_NAME})", warnings)
         return SAMPLER_NAME, SCHEDULER_NAME
 
     def _size(self, r: GenerationRequest, warnings: list[str]) -> tuple[int, int]:
         w, h = self.image_size
         if (r.width is not None and r.width != w) or (r.height is not None and r.height != h):
             field = "width" if r.width is not None and r.width != w else "height"
-            self._deviate("width", field, f"width x height {r.width or w}x{r.height or h} is not supported; "
-                          f"generated {w}x{h} (the compiled models' size)", warnings)
+            self._deviate("width", field, f"width x height {r.width or w}x{r.height or h} is not supported",
+                          f"generated {w}x{h} (the compiled models' size)", warnings,
+                          supported=f"{w}x{h}, the compiled models' size")
         return w, h
 
     def _steps(self, r: GenerationRequest, warnings: list[str]) -> int:
@@ -264,7 +272,7 @@ class CapabilityTable:
         if 1 <= r.steps <= self.max_steps:
             return r.steps
         clamped = min(max(r.steps, 1), self.max_steps)
-        self._deviate("steps", "steps", f"steps {r.steps} is not supported (1–{self.max_steps}); "
+        self._deviate("steps", "steps", f"steps {r.steps} is not supported (1–{self.max_steps})",
                       f"ran {clamped}", warnings)
         return clamped
 
@@ -277,7 +285,7 @@ class CapabilityTable:
             cfg = 1.0
         elif cfg > self.max_cfg_scale:
             self._deviate("cfg_scale", "cfg_scale", f"cfg_scale {cfg:g} is above the maximum "
-                          f"{self.max_cfg_scale:g}; ran {self.max_cfg_scale:g}", warnings)
+                          f"{self.max_cfg_scale:g}", f"ran {self.max_cfg_scale:g}", warnings)
             cfg = self.max_cfg_scale
         if cfg <= 1 and r.negative_prompt.strip():
             warnings.append("negative_prompt has no effect at cfg_scale ≤ 1 (one UNet pass per step)")
@@ -288,7 +296,7 @@ class CapabilityTable:
         if not 0 <= strength <= 1:
             clamped = min(max(strength, 0.0), 1.0)
             self._deviate("subseed_strength", "subseed_strength",
-                          f"subseed_strength {strength:g} is outside [0, 1]; ran {clamped:g}", warnings)
+                          f"subseed_strength {strength:g} is outside [0, 1]", f"ran {clamped:g}", warnings)
             strength = clamped
         return strength
 
@@ -296,7 +304,8 @@ class CapabilityTable:
         batch, n_iter = r.batch_size, r.n_iter
         if batch < 1 or n_iter < 1:
             self._deviate("batch_size", "batch_size" if batch < 1 else "n_iter",
-                          f"batch_size {batch} × n_iter {n_iter}: both must be ≥ 1; ran at least 1", warnings)
+                          f"batch_size {batch} × n_iter {n_iter}: both must be ≥ 1", "ran at least 1",
+                          warnings)
             batch, n_iter = max(batch, 1), max(n_iter, 1)
         limit = self.max_images_per_request
         if batch * n_iter > limit:
@@ -304,7 +313,7 @@ class CapabilityTable:
             new_iter = max(1, min(n_iter, limit // new_batch))
             self._deviate("batch_size", "batch_size" if batch > limit else "n_iter",
                           f"batch_size {batch} × n_iter {n_iter} = {batch * n_iter} images is above "
-                          f"max_images_per_request {limit}; ran {new_batch} × {new_iter}", warnings)
+                          f"max_images_per_request {limit}", f"ran {new_batch} × {new_iter}", warnings)
             batch, n_iter = new_batch, new_iter
         return batch, n_iter
 
@@ -316,7 +325,7 @@ class CapabilityTable:
         if not MIN_DENOISING_STRENGTH <= strength <= 1:
             clamped = min(max(strength, MIN_DENOISING_STRENGTH), 1.0)
             self._deviate("denoising_strength", "denoising_strength",
-                          f"denoising_strength {strength:g} is outside (0, 1]; ran {clamped:g}", warnings)
+                          f"denoising_strength {strength:g} is outside (0, 1]", f"ran {clamped:g}", warnings)
             strength = clamped
         if r.resize_mode == 3:
             warnings.append("resize_mode 3 (resize in latent space) is not supported; ran 0 (just resize)")

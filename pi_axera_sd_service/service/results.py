@@ -168,10 +168,12 @@ def save_images(
 
 
 def sdapi_parameters(echo: Mapping[str, Any], include_init_images: bool = False) -> dict[str, Any]:
-    """The request echoed as A1111 does (defaults filled, seed as sent); images dropped unless asked."""
+    """The request echoed as A1111's `vars(request)`: every field as sent, A1111's defaults for the
+    omitted ones (steps 50, cfg_scale 7, sampler_index "Euler"; not what ran: that is `info`), seed
+    as sent. img2img keeps its `include_init_images` flag and drops the images unless it is set."""
     params = dict(echo)
-    if not include_init_images:
-        for key in ("init_images", "mask"):
-            if key in params:
-                params[key] = None
+    if "init_images" in params:
+        params["include_init_images"] = include_init_images
+        if not include_init_images:
+            params["init_images"] = params["mask"] = None
     return params

@@ -48,19 +48,24 @@ async def _payload(request: Request) -> GenerateRequest:
     "requestBody": {"required": True,
                     "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}})
 async def generate(request: Request, engine: EngineDep) -> GenerateResponse:
-    """txt2img or img2img through the one GenerationRequest; PNG images as raw base64."""
+    """txt2img or img2img through the one GenerationRequest; PNG images as raw base64.
+
+    `base64` carries the first image; `images` (every image) is added only for several images or
+    when `return_images` is true, so one image is not sent twice."""
     payload = await _payload(request)
     result, encoded = await engine.generate(
         lambda: from_generate(payload.model_dump(), payload.model_fields_set, engine.settings),
         request.is_disconnected,
     )
-    seeds = list(result.seeds)
+    seeds, images = list(result.seeds), encoded.images_b64
     response = GenerateResponse(
-        status="ok", base64=encoded.images_b64[0] if encoded.images_b64 else None,
-        images=encoded.images_b64, seed=seeds[0] if seeds else result.plan.seed, seeds=seeds,
+        status="ok", base64=images[0] if images else None,
+        seed=seeds[0] if seeds else result.plan.seed, seeds=seeds,
         text_time_ms=round(result.text_time_ms, 1), total_time_ms=round(result.total_time_ms, 1),
         warnings=list(result.warnings),
     )
+    if len(images) > 1 or payload.return_images:
+        response.images = images
     if encoded.paths:
         response.path = str(encoded.paths[0])
     return response
