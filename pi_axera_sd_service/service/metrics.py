@@ -30,7 +30,8 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("sd_http_requests", "HTTP requests by route template, method (unknown: other), status",
+        self.requests = Counter("sd_http_requests",
+                                "HTTP requests by route template, method (unknown: other), status",
                                 ["route", "method", "status"], registry=r)
         self.generation_seconds = Histogram("sd_generation_seconds",
                                             "Latency of accepted generation jobs, queue wait included",
