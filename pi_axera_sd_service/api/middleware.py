@@ -7,6 +7,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import re
@@ -35,6 +38,7 @@ OPEN_PATHS = ("/internal/ping", "/health")
 QUIET_ROUTES = {"/sdapi/v1/progress", "/internal/progress", "/internal/ping", "/health", "/metrics"}
 DRAIN_FACTOR = 4                # read (and discard) oversize bodies up to this multiple of the limit
 PARSE_OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed on a thread (the loop keeps serving)
+TRIM_AFTER_BODY_BYTES = 256 * 1024  # after a body this large (init images), hand freed heap back to the OS
 JSON_BODY_STATE_KEY = "json_body"  # scope["state"][...]: the parsed, checked body (see parsed_json_body)
 BASE64_MIN_CHARS = 256
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
@@ -295,7 +299,11 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if len(body) >= TRIM_AFTER_BODY_BYTES:  # its decoded images are garbage by now
+                await asyncio.to_thread(release_freed_heap)
 
     async def _read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body; None after answering 413 (or when the client disconnected)."""
@@ -336,6 +344,22 @@ class BodyLimitMiddleware:
             record["error"] = message
         await send_json(send, status, client_error_body(scope["path"], status, message),
                         {"Connection": "close"} if close else None)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (musl, macOS: nothing to do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None
+
+
+def release_freed_heap() -> None:
+    """Give freed heap pages back to the OS: after a request that decoded large images, glibc keeps
+    them in its arenas (RSS stays high) unless asked (measured in bench/bench_memory.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _is_json(scope: Scope) -> bool:
