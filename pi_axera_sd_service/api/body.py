@@ -14,6 +14,7 @@ from typing import Any
 
 MAX_JSON_DEPTH = 64          # nested arrays/objects; A1111 clients (ControlNet units) use < 10
 MAX_JSON_INT = 2**64         # |int| above this is no seed, size or count: refused, never float()ed
+MAX_INT_DIGITS = len(str(MAX_JSON_INT))  # longer literals are not even converted (Python refuses > 4300)
 MAX_JSON_VALUES = 100_000    # commas in a body (≈ values); a flat list of millions costs seconds of CPU
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
@@ -36,16 +37,26 @@ def parse_json_body(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise BodyError("", f"the request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=_read_int)
     except RecursionError:
         raise BodyError("", f"the request body is nested too deeply (limit {MAX_JSON_DEPTH})") from None
     except json.JSONDecodeError as exc:
         raise BodyError("", f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                             f"column {exc.colno}") from None
-    except ValueError as exc:  # Python's own int limit: "Exceeds the limit (4300 digits) ..."
-        raise BodyError("", f"the request body holds a number too long to read ({exc})") from None
     check_json_value(value)
     return value
+
+
+class _LongInt:
+    """Stands for an integer literal too long to be any field's value, so the walk can name its field."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _read_int(literal: str) -> int | _LongInt:
+    digits = len(literal.lstrip("-"))
+    return int(literal) if digits <= MAX_INT_DIGITS else _LongInt(digits)
 
 
 def check_json_value(value: Any, path: str = "", depth_left: int = MAX_JSON_DEPTH) -> None:
@@ -66,13 +77,16 @@ def check_json_value(value: Any, path: str = "", depth_left: int = MAX_JSON_DEPT
                 pending.extend((child, f"{where}[{i}]", left - 1) for i, child in enumerate(item))
         elif isinstance(item, bool) or item is None:
             continue
+        elif isinstance(item, _LongInt):
+            raise BodyError(where, f"the number is out of range (|n| <= 2^64, it has {item.digits} digits)")
         elif isinstance(item, int):
             if abs(item) > MAX_JSON_INT:
                 raise BodyError(where, f"the number is out of range (|n| <= 2^64, it has {_digits(item)} "
                                        "digits)")
         elif isinstance(item, float):
             if not math.isfinite(item):
-                raise BodyError(where, f"{item} is not a finite number (JSON has no NaN or Infinity)")
+                raise BodyError(where, "the number is too large for a float or not a number "
+                                       "(JSON has no NaN or Infinity)")
         elif isinstance(item, str):
             _check_text(item, where)
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
+from ..pipeline.prompt_parser import check_prompt_text
 from .body import check_json_value
 
 INT_LIMIT = 2**31 - 1     # sizes, steps, counts, modes: far beyond any clamp, far below float overflow
@@ -27,11 +28,20 @@ def _checked(value: Any) -> Any:
     return value
 
 
+def _prompt_checked(value: Any, info: ValidationInfo) -> Any:
+    """A prompt (or list of prompts) the pipeline will accept: valid Unicode, bounded nesting."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            check_prompt_text(text, info.field_name or "prompt")
+    return value
+
+
 Int = Annotated[int, Field(ge=-INT_LIMIT - 1, le=INT_LIMIT)]
 Float = Annotated[float, Field(ge=-FLOAT_LIMIT, le=FLOAT_LIMIT, allow_inf_nan=False)]
 FreeForm = Annotated[Any, AfterValidator(_checked)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_checked)]
 JsonList = Annotated[list[Any], AfterValidator(_checked)]
+Prompt = Annotated[str, AfterValidator(_prompt_checked)]
 
 
 class _Lenient(BaseModel):
@@ -43,8 +53,8 @@ class GenerateRequest(_Lenient):
     """POST /generate (the upstream seed contract). `mode` and `prompt` are checked by the translation."""
 
     mode: str | None = None
-    prompt: str | None = None
-    negative_prompt: str | None = None
+    prompt: Prompt | None = None
+    negative_prompt: Prompt | None = None
     init_image: str | None = None
     init_images: list[str] | None = None
     width: Int | None = None
@@ -77,8 +87,8 @@ class GenerateResponse(BaseModel):
 class _ProcessingFields(_Lenient):
     """Fields of A1111's StableDiffusionProcessing plus the API-only ones."""
 
-    prompt: str | list[str] | None = ""
-    negative_prompt: str | list[str] | None = ""
+    prompt: Prompt | list[Prompt] | None = ""
+    negative_prompt: Prompt | list[Prompt] | None = ""
     styles: list[str] | None = None
     seed: FreeForm = -1
     subseed: FreeForm = -1
