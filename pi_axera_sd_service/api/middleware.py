@@ -38,7 +38,7 @@ OPEN_PATHS = ("/internal/ping", "/health")
 QUIET_ROUTES = {"/sdapi/v1/progress", "/internal/progress", "/internal/ping", "/health", "/metrics"}
 DRAIN_FACTOR = 4                # read (and discard) oversize bodies up to this multiple of the limit
 PARSE_OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed on a thread (the loop keeps serving)
-TRIM_AFTER_BODY_BYTES = 256 * 1024  # after a body this large (init images), hand freed heap back to the OS
+TRIM_AFTER_BODY_BYTES = 1024  # after a body this large (it may carry init images), hand freed heap back
 JSON_BODY_STATE_KEY = "json_body"  # scope["state"][...]: the parsed, checked body (see parsed_json_body)
 BASE64_MIN_CHARS = 256
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
