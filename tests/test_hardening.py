@@ -7,6 +7,7 @@ Class numbers follow the issue: 1 numbers, 2 free-form fields, 3 prompts, 4 bodi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -19,11 +20,18 @@ from collections.abc import Iterator
 
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 from pi_axera_sd_service.api.app import create_app
+from pi_axera_sd_service.api.body import BodyError, check_json_value, parse_json_body
+from pi_axera_sd_service.api.protocol import GenerateRequest, Img2ImgRequest, Txt2ImgRequest
 from pi_axera_sd_service.api.server import server_config
+from pi_axera_sd_service.pipeline.images import ImageDecodeError, decode_image_bytes
+from pi_axera_sd_service.pipeline.prompt_parser import PromptError, parse_prompt_attention, prompt_schedule
 from pi_axera_sd_service.service.engine import Engine
 from pi_axera_sd_service.service.metrics import KNOWN_METHODS, OTHER_METHOD
 
@@ -228,8 +236,6 @@ def test_a_small_jpeg_claiming_6000x6000_is_never_decoded_at_full_size() -> None
 
 
 def test_jpeg_is_decoded_at_the_smallest_scale_covering_the_target() -> None:
-    from pi_axera_sd_service.pipeline.images import decode_image_bytes
-
     buf = io.BytesIO()
     Image.new("RGB", (4096, 2048), "navy").save(buf, format="JPEG")
     assert decode_image_bytes(buf.getvalue(), 40_000_000, (512, 512)).size == (1024, 512)
@@ -237,7 +243,7 @@ def test_jpeg_is_decoded_at_the_smallest_scale_covering_the_target() -> None:
 
 
 def test_pixel_budget_caps_the_request_not_just_each_image() -> None:
-    from pi_axera_sd_service.pipeline.images import ImageDecodeError, PixelBudget, decode_image_b64
+    from pi_axera_sd_service.pipeline.images import PixelBudget, decode_image_b64
 
     budget = PixelBudget(3 * 64 * 48)
     for _ in range(3):
@@ -411,3 +417,98 @@ def test_configuration_errors_exit_3_runtime_errors_exit_1() -> None:
 
     assert run_reporting_errors(config_error) == EXIT_CONFIG
     assert run_reporting_errors(runtime_error) == EXIT_FAILURE
+
+
+# --- property-based: the parsers and models above, on inputs nobody wrote down (bounded in time) -------
+BOUNDED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROMPT_ALPHABET = st.sampled_from(list("ab ()[]:|\\,.0123456789e-+") + ["AND", "BREAK", "\ud800", "é"])
+prompt_texts = st.lists(PROMPT_ALPHABET, max_size=400).map("".join) | st.text(max_size=200)
+json_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=30)
+
+
+@BOUNDED
+@given(text=prompt_texts, steps=st.integers(min_value=1, max_value=8))
+def test_prompt_parser_answers_or_refuses_cleanly(text: str, steps: int) -> None:
+    """Any text: a schedule ending at `steps`, or a PromptError naming the field; nothing else."""
+    try:
+        schedule = prompt_schedule(text, steps, field="negative_prompt")
+    except PromptError as exc:
+        assert exc.field == "negative_prompt"
+        return
+    assert schedule[-1][0] == steps and all(1 <= end <= steps for end, _ in schedule)
+    assert all(isinstance(weight, float) for _, weight in parse_prompt_attention(text))
+
+
+@BOUNDED
+@given(depth=st.integers(min_value=0, max_value=3000), opener=st.sampled_from(["(", "["]))
+def test_prompt_nesting_never_exhausts_the_stack(depth: int, opener: str) -> None:
+    closer = {"(": ")", "[": "]"}[opener]
+    for text in (opener * depth + "x", opener * depth + "x" + closer * depth):
+        try:
+            prompt_schedule(text, 4)
+        except PromptError as exc:
+            assert "nested" in exc.message
+
+
+@BOUNDED
+@given(value=json_values)
+def test_body_parser_accepts_exactly_what_the_checks_accept(value) -> None:
+    """Serialized and parsed again: the same value, or a BodyError naming where; never another error."""
+    raw = json.dumps(value).encode("utf-8", "surrogatepass")
+    try:
+        parsed = parse_json_body(raw)
+    except BodyError:
+        with pytest.raises(BodyError):
+            check_json_value(value)
+        return
+    assert json.dumps(parsed, allow_nan=False) == json.dumps(value)
+
+
+@BOUNDED
+@given(raw=st.binary(max_size=300) | st.builds(lambda depth: b"[" * depth, st.integers(0, 5000)))
+def test_body_parser_never_raises_anything_but_body_error(raw: bytes) -> None:
+    with contextlib.suppress(BodyError):
+        parse_json_body(raw)
+
+
+FIELDS = sorted(set(Txt2ImgRequest.model_fields) | set(Img2ImgRequest.model_fields)
+                | set(GenerateRequest.model_fields))
+
+
+@BOUNDED
+@given(body=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6))
+def test_models_accept_only_what_serializes_and_stays_in_range(body: dict) -> None:
+    """Whatever a model accepts dumps to strict JSON (no NaN, no overflowing ints): the answer cannot fail."""
+    for model in (Txt2ImgRequest, Img2ImgRequest, GenerateRequest):
+        try:
+            dumped = model.model_validate(body).model_dump()
+        except ValidationError:
+            continue
+        json.dumps(dumped, allow_nan=False)
+        for name, value in dumped.items():
+            if isinstance(value, int) and not isinstance(value, bool) and name not in ("seed", "subseed"):
+                assert abs(value) < 2**31, name
+
+
+@BOUNDED
+@given(raw=st.binary(max_size=400), keep=st.integers(min_value=0, max_value=2000))
+def test_image_decode_answers_or_refuses_cleanly(raw: bytes, keep: int) -> None:
+    """Random bytes and truncated real images: an RGB image or an ImageDecodeError, nothing else."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), "olive").save(buf, format="JPEG")
+    for data in (raw, buf.getvalue()[:keep], _jpeg_claiming(60000, 60000)):
+        with contextlib.suppress(ImageDecodeError):
+            assert decode_image_bytes(data, 40_000_000, (512, 512)).mode == "RGB"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(ROUTES), body=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=4))
+def test_routes_answer_any_json_object_without_a_server_error(app_client, route: str, body: dict) -> None:
+    """Any JSON object (non-finite numbers included) on a generation route: never a 5xx, always JSON."""
+    raw = json.dumps({"prompt": "p", "steps": 1, "cfg_scale": 1, **body}).encode("utf-8", "surrogatepass")
+    response = post_raw(app_client, route, raw)
+    assert response.status_code < 500, response.text[:300]
+    assert isinstance(response.json(), dict)
