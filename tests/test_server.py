@@ -83,26 +83,47 @@ def test_progress_answers_fast_while_busy_and_idle_after(live_server, settings_f
     assert "current_image" in idle and idle["current_image"] is None
 
 
+def hold_unet_call(wrap, call: int) -> tuple[threading.Event, threading.Event]:
+    """(entered, release): the UNet's run number `call` waits inside the step until `release` is set,
+    so a test acts while a step is known to be running, whatever the machine's load."""
+    session = wrap.sessions["unet"]
+    run, runs = session.run, [0]
+    entered, release = threading.Event(), threading.Event()
+
+    def held_run(feed):
+        runs[0] += 1
+        if runs[0] == call:
+            entered.set()
+            release.wait(60)
+        return run(feed)
+
+    session.run = held_run
+    return entered, release
+
+
 def test_interrupt_returns_early_and_skip_moves_on(live_server, settings_factory, wrap_factory):
-    wrap = wrap_factory(delays={"unet": 0.1})
+    wrap = wrap_factory()
     server = live_server(settings_factory(), wrap)
     pool = ThreadPoolExecutor(1)
 
+    entered, release = hold_unet_call(wrap, 2)
     job = pool.submit(txt2img, server.url, batch_size=3)
-    wait_for(lambda: progress(server.url)["state"]["sampling_step"] >= 1)
+    assert entered.wait(60)
     assert httpx.post(server.url + "/sdapi/v1/interrupt", timeout=5).json() == {}
+    release.set()
     interrupted = job.result()
     assert interrupted.status_code == 200 and len(interrupted.json()["images"]) == 1
-    assert wrap.calls("unet") < 12  # 3 images x 4 steps were not all run
+    assert wrap.calls("unet") == 2  # stopped after the step that was running; 3 images x 4 steps not run
 
     unet_before = wrap.calls("unet")
+    entered, release = hold_unet_call(wrap, 2)
     job = pool.submit(txt2img, server.url, batch_size=2)
-    wait_for(lambda: progress(server.url)["state"]["sampling_step"] >= 1)
+    assert entered.wait(60)
     assert httpx.post(server.url + "/sdapi/v1/skip", timeout=5).json() is None
-    wait_for(lambda: progress(server.url)["state"]["job_no"] == 1)
+    release.set()
     skipped = job.result()
     assert skipped.status_code == 200 and len(skipped.json()["images"]) == 2
-    assert wrap.calls("unet") - unet_before < 8  # the first image stopped early, the second ran
+    assert wrap.calls("unet") - unet_before == 2 + 4  # the first image stopped early, the second ran
 
 
 def test_disconnected_queued_client_never_runs(live_server, settings_factory, wrap_factory):
