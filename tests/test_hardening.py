@@ -196,6 +196,15 @@ def test_every_route_answers_a_bad_body_with_a_400_in_its_shape(app_client, capl
     assert not any("Exception" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("route", ["/generate", "/sdapi/v1/txt2img"])
+def test_oversize_bodies_are_refused_in_the_route_family_shape(make_client, settings_factory, route) -> None:
+    client = make_client(settings_factory(max_body_bytes=1000))
+    response = client.post(route, json={"mode": "txt2img", "prompt": "x" * 2000})
+    assert response.status_code == 413
+    message = error_text(response)
+    assert "max_body_bytes" in message
+
+
 def test_access_log_line_survives_a_body_it_cannot_show(app_client, caplog) -> None:
     caplog.set_level(logging.INFO, logger="pi_axera_sd_service.access")
     response = app_client.post("/sdapi/v1/interrupt", content=b"\x00\xff" * 10,

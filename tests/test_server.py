@@ -145,13 +145,15 @@ def test_disconnected_queued_client_never_runs(live_server, settings_factory, wr
 
 
 def test_per_task_progress_reports_queue_position(live_server, settings_factory, wrap_factory):
-    server = live_server(settings_factory(), wrap_factory(delays={"unet": 0.1}))
+    wrap = wrap_factory()
+    server = live_server(settings_factory(), wrap)
     pool = ThreadPoolExecutor(2)
+    entered, release = hold_unet_call(wrap, 1)  # the first job runs until the checks are done
     first = pool.submit(txt2img, server.url, force_task_id="task(first)")
-    wait_for(lambda: progress(server.url)["state"]["job"] != "")
+    assert entered.wait(60)
     second = pool.submit(txt2img, server.url, force_task_id="task(second)")
     pending = lambda: httpx.get(server.url + "/internal/pending-tasks", timeout=5).json()  # noqa: E731
-    wait_for(lambda: pending()["size"] == 1)
+    wait_for(lambda: pending()["size"] == 1, timeout=60)
     assert pending() == {"size": 1, "tasks": ["task(second)"]}
 
     def task(id_task: str) -> dict:
@@ -161,6 +163,7 @@ def test_per_task_progress_reports_queue_position(live_server, settings_factory,
     assert waiting["queued"] and not waiting["active"] and waiting["queue_position"] == 0
     assert "In queue: 1/1" in waiting["textinfo"]
     assert active["active"] and 0 <= active["progress"] <= 1
+    release.set()
     assert first.result().status_code == 200 and second.result().status_code == 200
     assert task("task(second)")["completed"]
 
