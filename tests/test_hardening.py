@@ -375,6 +375,9 @@ def test_idle_slow_header_and_slow_body_clients_are_cut_off(real_server) -> None
     reply = read_until_closed(slow_body)         # never finished its body: 408 in /generate's shape
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["status"] == "error"
+    oversize = server.connect()  # declares more than max_body_bytes, then trickles: 413, closed
+    oversize.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n{")
+    assert read_until_closed(oversize).startswith(b"HTTP/1.1 413")
     keep_alive = server.connect()
     keep_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"HTTP/1.1" in read_until_closed(keep_alive)  # answered, then closed once idle

@@ -265,8 +265,13 @@ class BodyLimitMiddleware:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._drain(receive, 0)
-            await self._refuse(scope, send, 413, "body_too_large", self._message(f"{int(declared)} bytes"))
+            drained = True
+            try:  # a trickling client does not hold the 413 back
+                await asyncio.wait_for(self._drain(receive, 0), self.timeout)
+            except asyncio.TimeoutError:
+                drained = False
+            await self._refuse(scope, send, 413, "body_too_large", self._message(f"{int(declared)} bytes"),
+                               close=not drained)
             return
         try:
             body = await asyncio.wait_for(self._read(scope, receive, send), self.timeout)
