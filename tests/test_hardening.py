@@ -357,8 +357,7 @@ def test_health_answers_while_hundreds_of_clients_hang(real_server) -> None:
     clients = _stuck_clients(server, 300)
     try:
         status, reply = server.get("/health")
-        assert status in (200, 503) and b'"status"' in reply  # the app's own answer, not a refusal
-        assert b"starting" not in reply or status == 503
+        assert status == 200 and b'"status"' in reply, reply[:300]  # the app's own answer
         status, _ = server.get("/sdapi/v1/progress")
         assert status == 200
     finally:
