@@ -127,18 +127,21 @@ def test_interrupt_returns_early_and_skip_moves_on(live_server, settings_factory
 
 
 def test_disconnected_queued_client_never_runs(live_server, settings_factory, wrap_factory):
-    wrap = wrap_factory(delays={"unet": 0.1})
+    wrap = wrap_factory()
     server = live_server(settings_factory(), wrap)
+    entered, release = hold_unet_call(wrap, 1)  # the first job runs until the queued one was dropped
     running = ThreadPoolExecutor(1).submit(txt2img, server.url)
-    wait_for(lambda: progress(server.url)["state"]["job"] != "")
+    assert entered.wait(60)
 
     body = json.dumps({"prompt": "never run", "steps": 4}).encode()
     address = urlparse(server.url)
     with socket.create_connection((address.hostname, address.port)) as raw:
         head = f"POST {TXT2IMG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         raw.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        wait_for(lambda: httpx.get(server.url + "/internal/pending-tasks", timeout=5).json()["size"] == 1)
-    wait_for(lambda: server.engine.jobs_dropped == 1, timeout=5)
+        wait_for(lambda: httpx.get(server.url + "/internal/pending-tasks", timeout=5).json()["size"] == 1,
+                 timeout=60)
+    wait_for(lambda: server.engine.jobs_dropped == 1, timeout=60)
+    release.set()
     assert running.result().status_code == 200
     assert txt2img(server.url).status_code == 200
     assert wrap.calls("text_encoder") == 2  # the first job and the last one; the dropped one never ran
