@@ -165,6 +165,15 @@ def test_bad_prompts_are_a_4xx_naming_the_field(counted_client, route, field, te
     assert wrap.calls("text_encoder") == 0
 
 
+def test_a_bad_prompt_filled_in_from_infotext_is_a_400_too(counted_client) -> None:
+    """The infotext field sets the prompt after the model's checks: the pipeline's gate answers."""
+    client, wrap = counted_client
+    response = client.post("/sdapi/v1/txt2img", json={"infotext": "(" * 500 + "x\nSteps: 1, CFG scale: 1"})
+    assert response.status_code == 400, response.text[:300]
+    assert "prompt" in error_text(response) and "nested 500 deep" in error_text(response)
+    assert wrap.calls("text_encoder") == 0
+
+
 def test_nesting_at_the_limit_still_generates(app_client) -> None:
     from pi_axera_sd_service.pipeline.prompt_parser import MAX_PROMPT_NESTING
 

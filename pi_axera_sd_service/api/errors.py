@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from ..pipeline.prompt_parser import PromptError
 from ..pipeline.stages import StageError
 from ..service.queue import ClientDisconnectedError, ServiceUnavailableError
 from ..service.request import RequestError
@@ -43,6 +44,8 @@ def classify(exc: BaseException) -> tuple[int, str, dict[str, str], str] | None:
     """(status, message, headers, error name) for the exceptions a generation route expects, else None."""
     if isinstance(exc, RequestError):
         return exc.status_code, exc.message, {}, "HTTPException"
+    if isinstance(exc, PromptError):  # a prompt that reached the pipeline unchecked (e.g. from infotext)
+        return 400, str(exc), {}, "HTTPException"
     if isinstance(exc, ServiceUnavailableError):
         return exc.status_code, str(exc.detail), dict(exc.headers), type(exc).__name__
     if isinstance(exc, StageError):
@@ -66,6 +69,6 @@ def generate_error_for(exc: BaseException, client_error_status: int = 400) -> JS
     if found is None:
         return None
     status, message, headers, _ = found
-    if isinstance(exc, RequestError):
+    if isinstance(exc, (RequestError, PromptError)):
         status = client_error_status
     return generate_error(status, message, headers or None)
