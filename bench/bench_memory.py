@@ -7,6 +7,12 @@ fixed rotation: `/generate` txt2img, `/sdapi/v1/txt2img` with batch_size 2, `/sd
 requests, the growth, and the peak (VmHWM).
 
     .venv/bin/python bench/bench_memory.py [--requests 200] [--every 50]
+    .venv/bin/python bench/bench_memory.py --worst [--requests 60]
+
+`--worst` sends a barrage of the worst *small* requests instead (issue 13, class 5): 500 tiny init
+images, a 4 KiB JPEG whose header claims 6000×6000, four 4000×4000 PNGs of a few KiB each, a body
+nested 100,000 deep, a 5,000-digit number. It prints the peak and the settled RSS (2 s after the
+last request) and checks the peak growth against WORST_BOUND_MIB (exit status 1 beyond it).
 
 What the numbers mean: on the demo pack the models are tiny ONNX graphs run by onnxruntime in the
 server process, so the RSS is the service (Python, FastAPI, numpy, Pillow, onnxruntime) plus the
@@ -83,6 +89,74 @@ def requests_cycle(init_b64: str) -> list[tuple[str, str, dict]]:
     ]
 
 
+# Peak RSS growth the worst small requests may cause: one request's decoded pixels at the default
+# max_request_pixels (50 M) are 150 MB as RGB; the decode and the RGB copy may briefly coexist.
+WORST_BOUND_MIB = 2 * 50_000_000 * 3 / 2**20 + 100  # + 100 MiB warm-up (first requests, allocator pools)
+
+
+def png_b64_of_size(width: int, height: int) -> str:
+    """A PNG of one colour: a few KiB on the wire, width×height pixels when decoded."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, format="PNG", compress_level=9)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def jpeg_b64_claiming(width: int, height: int) -> str:
+    """A ~1 KiB JPEG whose frame header claims width×height (its data is a 64×64 image's)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="JPEG", quality=50)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return base64.b64encode(bytes(data)).decode()
+
+
+def worst_cycle() -> list[tuple[str, str, dict | bytes]]:
+    """Small requests that cost the most memory when handled naively."""
+    tiny = png_b64_of_size(64, 64)
+    big = png_b64_of_size(4000, 4000)
+    claiming = jpeg_b64_claiming(6000, 6000)
+    img2img = {"prompt": "p", "steps": 1, "cfg_scale": 1, "denoising_strength": 0.5}
+    long_number = b'{"mode": "txt2img", "prompt": "p", "steps": 1' + b"0" * 5000 + b"}"
+    return [
+        ("500 tiny init images", "/sdapi/v1/img2img", {**img2img, "init_images": [tiny] * 500}),
+        ("JPEG claiming 6000x6000", "/sdapi/v1/img2img", {**img2img, "init_images": [claiming]}),
+        ("4 x 4000x4000 PNG, batch 4", "/sdapi/v1/img2img",
+         {**img2img, "init_images": [big] * 4, "batch_size": 4}),
+        ("body nested 100,000 deep", "/generate", b'{"a": ' * 100_000),
+        ("5,000-digit number", "/generate", long_number),
+    ]
+
+
+def run_worst(client: httpx.Client, pid: int, requests: int) -> int:
+    """The barrage; prints peak and settled RSS against WORST_BOUND_MIB; 1 when the bound is passed."""
+    start = memory_kib(pid)
+    print(f"after start:        RSS {mib(start['VmRSS'])}   peak {mib(start['VmHWM'])}")
+    cycle = worst_cycle()
+    statuses: dict[str, set[int]] = {}
+    for i in range(requests):
+        name, path, body = cycle[i % len(cycle)]
+        if isinstance(body, bytes):
+            resp = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        else:
+            resp = client.post(path, json=body)
+        statuses.setdefault(name, set()).add(resp.status_code)
+    peak = memory_kib(pid)["VmHWM"]
+    time.sleep(2.0)
+    settled = memory_kib(pid)["VmRSS"]
+    for name, codes in statuses.items():
+        print(f"  {name:30s} HTTP {sorted(codes)}")
+    growth = (peak - start["VmRSS"]) / 1024
+    print(f"{requests} worst small requests: peak RSS {mib(peak)} ({growth:+.1f} MiB), "
+          f"settled RSS {mib(settled)} ({(settled - start['VmRSS']) / 1024:+.1f} MiB)")
+    verdict = "ok" if growth <= WORST_BOUND_MIB else "EXCEEDED"
+    print(f"bound: peak growth <= {WORST_BOUND_MIB:.0f} MiB -> {verdict}")
+    server_errors = [name for name, codes in statuses.items() if any(code >= 500 for code in codes)]
+    if server_errors:
+        print(f"5xx answers: {server_errors}")
+    return 1 if growth > WORST_BOUND_MIB or server_errors else 0
+
+
 def wait_ready(client: httpx.Client, proc: subprocess.Popen, timeout_s: float = 120.0) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < timeout_s:
@@ -101,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200, help="number of requests (default 200)")
     p.add_argument("--every", type=int, default=50, help="print RSS after every N requests (default 50)")
+    p.add_argument("--worst", action="store_true", help="the barrage of worst small requests instead")
     args = p.parse_args(argv)
     if not Path("/proc/self/status").exists():
         raise SystemExit("needs Linux /proc")
@@ -116,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
                     ready_s = wait_ready(client, proc)
+                    if args.worst:
+                        return run_worst(client, proc.pid, args.requests)
                     start = memory_kib(proc.pid)
                     print(
                         f"server pid {proc.pid} on port {port}, ready after {ready_s:.1f} s (demo pack, CPU)"

@@ -2,7 +2,8 @@
 
 Runs as the console script `pi-axera-sd` and as `python -m pi_axera_sd_service`;
 `pi_axera_sd_generator.py` is the thin entry the upstream systemd unit runs as a file (no subcommand
-means `serve`). User errors print one line to stderr and exit 1; argparse usage errors exit 2.
+means `serve`). Errors print one line to stderr; exit codes (exit_codes.py): 1 runtime failure,
+2 argparse usage, 3 configuration (settings, model files, port), 4 serve's model load failed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pi_axera_sd_service.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED
 from pi_axera_sd_service.oneshot import (
     CliError,
     generate_image,
@@ -396,14 +398,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_reporting_errors(func: Callable[[], int], prog: str = PROG) -> int:
-    """Run `func`; user errors become one line on stderr and exit status 1 (no traceback)."""
+    """Run `func`; errors become one line on stderr (no traceback): EXIT_CONFIG for configuration
+    errors (systemd stops restarting), EXIT_FAILURE for the rest."""
     from pi_axera_sd_service.pipeline.images import ImageDecodeError
+    from pi_axera_sd_service.pipeline.prompt_parser import PromptError
     from pi_axera_sd_service.pipeline.stages import StageError
     from pi_axera_sd_service.runtime.session import FeedError, ModelLoadError
 
     try:
         return func()
-    except (CliError, ModelLoadError, ImageDecodeError, StageError, FeedError) as exc:
+    except (CliError, ModelLoadError) as exc:
+        print(f"{prog}: error: {exc} (configuration error, exit code {EXIT_CONFIG})", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ImageDecodeError, StageError, FeedError, PromptError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
     except ImportError as exc:
         print(f"{prog}: error: {exc} (is the package installed? run scripts/install.sh)", file=sys.stderr)
@@ -411,5 +418,5 @@ def run_reporting_errors(func: Callable[[], int], prog: str = PROG) -> int:
         where = f" {exc.filename}:" if getattr(exc, "filename", None) else ""
         print(f"{prog}: error:{where} {exc.strerror or exc}", file=sys.stderr)
     except KeyboardInterrupt:
-        return 130
-    return 1
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .exit_codes import CONFIG_EXIT_CODES
 from .settings import settings_flags
 
 SERVICE_NAME = "pi_axera_sd_generator"
@@ -75,6 +76,7 @@ def render_unit(
             "read_write_paths": " ".join(rw),
             "shutdown_timeout": f"{shutdown_timeout:g}",
             "timeout_stop_sec": str(stop_timeout(shutdown_timeout)),
+            "restart_prevent_exit_status": " ".join(str(code) for code in CONFIG_EXIT_CODES),
         },
     )
     header = (

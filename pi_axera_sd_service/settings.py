@@ -122,6 +122,15 @@ class Settings(BaseSettings):
     max_init_image_pixels: int = Field(40_000_000, description="Largest decoded init image, in pixels")
     max_prompt_chars: int = Field(8000, description="Longest prompt or negative prompt, in characters")
     shutdown_timeout: float = Field(30.0, description="Seconds the running job may take on SIGTERM")
+    max_request_pixels: int = Field(
+        50_000_000, ge=1, description="Decoded init-image pixels per request, all images together"
+    )
+    header_timeout: float = Field(10.0, gt=0, description="Seconds a client may take to send the headers")
+    body_timeout: float = Field(60.0, gt=0, description="Seconds a client may take to send the body (408)")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection is kept")
+    max_connections: int = Field(
+        512, ge=1, description="Open connections and running requests at once (503 beyond)"
+    )
 
     # --- web page ---
     ui: bool = Field(True, description="Serve the web page at / (--no-ui for headless deployments)")

@@ -370,6 +370,7 @@ def test_metrics_rejection_reasons_in_the_api_doc_are_the_ones_counted():
     source = _source_text()
     counted = set(re.findall(r"reject\(\"([a-z_]+)\"\)", source))
     counted |= set(re.findall(r"Error: \"([a-z_]+)\"", source))  # the engine's exception -> reason map
+    counted |= set(re.findall(r"_refuse\(scope, send, \d+, \"([a-z_]+)\"", source))  # the body check
     assert reasons == counted
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pi_axera_sd_service.pipeline.prompt_parser import (
+    MAX_PROMPT_NESTING,
+    PromptError,
+    check_prompt_text,
     extract_extra_networks,
     get_learned_conditioning_prompt_schedules,
     parse_prompt_attention,
@@ -189,3 +192,40 @@ def test_text_without_tags_is_unchanged():
 def test_editing_schedules_for_one_to_four_steps(prompt, by_steps):
     for steps, expected in by_steps.items():
         assert get_learned_conditioning_prompt_schedules([prompt], steps)[0] == expected, steps
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("[a:b:1e999]", [(4, "a")]),               # inf switch step: "a" to the end, no OverflowError
+        ("[a:b:" + "9" * 400 + "]", [(4, "a")]),   # 400 digits: the same
+        ("[a:b:-1e999]", [(4, "b")]),              # -inf: "b" from the start
+        ("[a:b:" + "9" * 400 + ".5]", [(4, "a")]),
+    ],
+)
+def test_switch_steps_beyond_float_range_are_clamped(prompt, expected):
+    assert prompt_schedule(prompt, 4) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "fragment"),
+    [
+        ("(" * (MAX_PROMPT_NESTING + 1) + "x", "prompt", f"nested {MAX_PROMPT_NESTING + 1} deep"),
+        ("[" * 500 + "x" + "]" * 500, "negative_prompt", "nested 500 deep"),
+        ("ok \ud800", "prompt", "lone surrogate U+D800 at character 3"),
+        ("\udc80tail", "negative_prompt", "U+DC80"),
+    ],
+)
+def test_the_gate_refuses_deep_nesting_and_lone_surrogates_naming_the_field(text, field, fragment):
+    with pytest.raises(PromptError) as caught:
+        check_prompt_text(text, field)
+    assert caught.value.field == field and fragment in str(caught.value)
+    with pytest.raises(PromptError):
+        prompt_schedule(text, 4, field)
+
+
+@pytest.mark.parametrize("text", ["\\(" * 500 + "x", "(" * MAX_PROMPT_NESTING + "x", "a" + ")" * 500 + "(b)",
+                                  "emoji 🦊 and é", "[a:b:0.5]" * 200])
+def test_the_gate_lets_escaped_shallow_and_unicode_prompts_through(text):
+    check_prompt_text(text)
+    assert prompt_schedule(text, 4)[-1][0] == 4

@@ -83,54 +83,80 @@ def test_progress_answers_fast_while_busy_and_idle_after(live_server, settings_f
     assert "current_image" in idle and idle["current_image"] is None
 
 
+def hold_unet_call(wrap, call: int) -> tuple[threading.Event, threading.Event]:
+    """(entered, release): the UNet's run number `call` waits inside the step until `release` is set,
+    so a test acts while a step is known to be running, whatever the machine's load."""
+    session = wrap.sessions["unet"]
+    run, runs = session.run, [0]
+    entered, release = threading.Event(), threading.Event()
+
+    def held_run(feed):
+        runs[0] += 1
+        if runs[0] == call:
+            entered.set()
+            release.wait(60)
+        return run(feed)
+
+    session.run = held_run
+    return entered, release
+
+
 def test_interrupt_returns_early_and_skip_moves_on(live_server, settings_factory, wrap_factory):
-    wrap = wrap_factory(delays={"unet": 0.1})
+    wrap = wrap_factory()
     server = live_server(settings_factory(), wrap)
     pool = ThreadPoolExecutor(1)
 
+    entered, release = hold_unet_call(wrap, 2)
     job = pool.submit(txt2img, server.url, batch_size=3)
-    wait_for(lambda: progress(server.url)["state"]["sampling_step"] >= 1)
+    assert entered.wait(60)
     assert httpx.post(server.url + "/sdapi/v1/interrupt", timeout=5).json() == {}
+    release.set()
     interrupted = job.result()
     assert interrupted.status_code == 200 and len(interrupted.json()["images"]) == 1
-    assert wrap.calls("unet") < 12  # 3 images x 4 steps were not all run
+    assert wrap.calls("unet") == 2  # stopped after the step that was running; 3 images x 4 steps not run
 
     unet_before = wrap.calls("unet")
+    entered, release = hold_unet_call(wrap, 2)
     job = pool.submit(txt2img, server.url, batch_size=2)
-    wait_for(lambda: progress(server.url)["state"]["sampling_step"] >= 1)
+    assert entered.wait(60)
     assert httpx.post(server.url + "/sdapi/v1/skip", timeout=5).json() is None
-    wait_for(lambda: progress(server.url)["state"]["job_no"] == 1)
+    release.set()
     skipped = job.result()
     assert skipped.status_code == 200 and len(skipped.json()["images"]) == 2
-    assert wrap.calls("unet") - unet_before < 8  # the first image stopped early, the second ran
+    assert wrap.calls("unet") - unet_before == 2 + 4  # the first image stopped early, the second ran
 
 
 def test_disconnected_queued_client_never_runs(live_server, settings_factory, wrap_factory):
-    wrap = wrap_factory(delays={"unet": 0.1})
+    wrap = wrap_factory()
     server = live_server(settings_factory(), wrap)
+    entered, release = hold_unet_call(wrap, 1)  # the first job runs until the queued one was dropped
     running = ThreadPoolExecutor(1).submit(txt2img, server.url)
-    wait_for(lambda: progress(server.url)["state"]["job"] != "")
+    assert entered.wait(60)
 
     body = json.dumps({"prompt": "never run", "steps": 4}).encode()
     address = urlparse(server.url)
     with socket.create_connection((address.hostname, address.port)) as raw:
         head = f"POST {TXT2IMG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         raw.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        wait_for(lambda: httpx.get(server.url + "/internal/pending-tasks", timeout=5).json()["size"] == 1)
-    wait_for(lambda: server.engine.jobs_dropped == 1, timeout=5)
+        wait_for(lambda: httpx.get(server.url + "/internal/pending-tasks", timeout=5).json()["size"] == 1,
+                 timeout=60)
+    wait_for(lambda: server.engine.jobs_dropped == 1, timeout=60)
+    release.set()
     assert running.result().status_code == 200
     assert txt2img(server.url).status_code == 200
     assert wrap.calls("text_encoder") == 2  # the first job and the last one; the dropped one never ran
 
 
 def test_per_task_progress_reports_queue_position(live_server, settings_factory, wrap_factory):
-    server = live_server(settings_factory(), wrap_factory(delays={"unet": 0.1}))
+    wrap = wrap_factory()
+    server = live_server(settings_factory(), wrap)
     pool = ThreadPoolExecutor(2)
+    entered, release = hold_unet_call(wrap, 1)  # the first job runs until the checks are done
     first = pool.submit(txt2img, server.url, force_task_id="task(first)")
-    wait_for(lambda: progress(server.url)["state"]["job"] != "")
+    assert entered.wait(60)
     second = pool.submit(txt2img, server.url, force_task_id="task(second)")
     pending = lambda: httpx.get(server.url + "/internal/pending-tasks", timeout=5).json()  # noqa: E731
-    wait_for(lambda: pending()["size"] == 1)
+    wait_for(lambda: pending()["size"] == 1, timeout=60)
     assert pending() == {"size": 1, "tasks": ["task(second)"]}
 
     def task(id_task: str) -> dict:
@@ -140,6 +166,7 @@ def test_per_task_progress_reports_queue_position(live_server, settings_factory,
     assert waiting["queued"] and not waiting["active"] and waiting["queue_position"] == 0
     assert "In queue: 1/1" in waiting["textinfo"]
     assert active["active"] and 0 <= active["progress"] <= 1
+    release.set()
     assert first.result().status_code == 200 and second.result().status_code == 200
     assert task("task(second)")["completed"]
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
+from ..pipeline.prompt_parser import PromptError
 from ..pipeline.stages import StageError
 from ..service.engine import Engine
 from ..service.errors import ServiceError
@@ -70,7 +71,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
-    for expected in (ServiceError, StageError):
+    for expected in (ServiceError, StageError, PromptError):
         app.add_exception_handler(expected, service_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)

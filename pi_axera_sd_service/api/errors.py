@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from ..pipeline.prompt_parser import PromptError
 from ..pipeline.stages import StageError
 from ..service.errors import RequestError, ServiceError
 
@@ -38,6 +39,8 @@ def describe(exc: BaseException) -> ApiError | None:
     if isinstance(exc, ServiceError):
         return ApiError(exc.status_code, exc.message, exc.error_name, isinstance(exc, RequestError),
                         dict(exc.headers))
+    if isinstance(exc, PromptError):  # a prompt that reached the pipeline unchecked (e.g. from infotext)
+        return ApiError(400, str(exc), "HTTPException", client_error=True)
     if isinstance(exc, StageError):
         return ApiError(500, f"The {exc.stage} stage failed: {exc.message}", "StageError")
     return None
@@ -77,6 +80,11 @@ def shape_for(path: str) -> Shape:
 def error_response(path: str, err: ApiError) -> JSONResponse:
     status, body = shape_for(path)(err)
     return JSONResponse(body, status_code=status, headers=err.headers or None)
+
+
+def client_error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    """A 4xx body refused before routing (body checks, limits), in the shape of the route family."""
+    return shape_for(path)(ApiError(status, message, "HTTPException"))[1]
 
 
 def server_fault_body(path: str, exc: BaseException) -> dict[str, Any]:

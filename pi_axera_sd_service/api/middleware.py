@@ -1,11 +1,15 @@
 """Pure ASGI middlewares: request id + one access-log line + request metrics, HTTP Basic auth,
-and the request-body limit (which also captures the body for the log line)."""
+and the request body (size limit, read deadline, the one JSON parser; it keeps the body for the log)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import re
@@ -15,9 +19,10 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..service.metrics import REQUEST_LOG, ServiceMetrics
+from ..service.metrics import REQUEST_LOG, ServiceMetrics, http_method_label
 from ..settings import Settings
-from .errors import a1111_body, server_fault_body
+from .body import BodyError, parse_json_body
+from .errors import a1111_body, client_error_body, server_fault_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -32,12 +37,20 @@ BODY_METHODS = {"POST", "PUT", "PATCH"}
 OPEN_PATHS = ("/internal/ping", "/health")
 QUIET_ROUTES = {"/sdapi/v1/progress", "/internal/progress", "/internal/ping", "/health", "/metrics"}
 DRAIN_FACTOR = 4                # read (and discard) oversize bodies up to this multiple of the limit
+PARSE_OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed on a thread (the loop keeps serving)
+TRIM_AFTER_BODY_BYTES = 1024  # after a body this large (it may carry init images), hand freed heap back
+JSON_BODY_STATE_KEY = "json_body"  # scope["state"][...]: the parsed, checked body (see parsed_json_body)
 BASE64_MIN_CHARS = 256
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
 _DATA_URI_RE = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 # Request fields that carry images (A1111, /generate, extensions such as ControlNet).
 IMAGE_FIELDS = frozenset({"init_images", "init_image", "mask", "latent_mask", "image", "images",
                           "firstpass_image", "input_image", "control_image", "base64"})
+
+
+def parsed_json_body(scope: Scope) -> Any:
+    """The body the middleware already parsed and checked (None when the request had no JSON body)."""
+    return scope.get("state", {}).get(JSON_BODY_STATE_KEY)
 
 
 async def send_json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -121,9 +134,19 @@ class RequestLogMiddleware:
             status = 500
         finally:
             REQUEST_LOG.reset(token)
-            route = self.route_label(scope)
-            self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
-            self._log(scope, record, route, status, (time.perf_counter() - started) * 1000.0)
+            self._account(scope, record, status, (time.perf_counter() - started) * 1000.0)
+
+    def _account(self, scope: Scope, record: dict[str, Any], status: int, ms: float) -> None:
+        """Count and log the request; a body the log cannot show never costs the access line."""
+        route = self.route_label(scope)
+        self.metrics.requests.labels(route=route, method=http_method_label(scope["method"]),
+                                     status=str(status)).inc()
+        try:
+            self._log(scope, record, route, status, ms)
+        except Exception as exc:  # noqa: BLE001 - the line without its parameters, and why
+            access_log.warning("request_id=%s method=%s route=%s status=%s (parameters not logged: %s)",
+                               record.get("request_id"), http_method_label(scope["method"]), route,
+                               status, type(exc).__name__)
 
     def _log(self, scope: Scope, record: dict[str, Any], route: str, status: int, ms: float) -> None:
         level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
@@ -131,8 +154,7 @@ class RequestLogMiddleware:
             return
         line: dict[str, Any] = {"request_id": record.pop("request_id"), "method": scope["method"],
                                 "route": route, "status": status, "ms": round(ms, 1)}
-        body = record.pop("_body", None)
-        params = _parameters(scope, body)
+        params = _parameters(scope, record.pop("_body", None), record.pop("_json", None))
         if params is not None:
             line["params"] = params
         line.update(record)
@@ -151,13 +173,12 @@ def _plain(value: Any) -> str:
     return value if isinstance(value, str) and " " not in value else json.dumps(value, default=str)
 
 
-def _parameters(scope: Scope, body: bytes | None) -> Any:
-    """Redacted JSON body, or the query string."""
+def _parameters(scope: Scope, body: bytes | None, parsed: Any) -> Any:
+    """Redacted JSON body (as the body middleware parsed and checked it), or the query string."""
+    if parsed is not None:
+        return redact(parsed)
     if body:
-        try:
-            return redact(json.loads(body))
-        except (ValueError, UnicodeDecodeError):
-            return f"<{len(body)} bytes>"
+        return f"<{len(body)} bytes>"
     query = scope.get("query_string", b"").decode("latin-1")
     return query or None
 
@@ -214,13 +235,17 @@ class BasicAuthMiddleware:
                         {"WWW-Authenticate": "Basic"})
 
 
-# --- request body limit ----------------------------------------------------------------------------
+# --- request body: size limit, read deadline, the one JSON parser ---------------------------------
 class BodyLimitMiddleware:
-    """413 past max_body_bytes, from Content-Length or while reading; the app gets a replayed body."""
+    """413 past max_body_bytes, 408 past body_timeout, 400 for a body the JSON parser refuses.
+
+    Every route gets the body replayed; a JSON body was parsed and checked once (`parsed_json_body`),
+    so no route's own parser meets a body nested 1,000 deep or a 5,000-digit number."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: ServiceMetrics):
         self.app = app
         self.limit = settings.max_body_bytes
+        self.timeout = settings.body_timeout
         self.metrics = metrics
 
     def _message(self, size: str) -> str:
@@ -233,29 +258,36 @@ class BodyLimitMiddleware:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._drain(receive, 0)
-            await self._refuse(send, f"{int(declared)} bytes")
+            drained = True
+            try:  # a trickling client does not hold the 413 back
+                await asyncio.wait_for(self._drain(receive, 0), self.timeout)
+            except asyncio.TimeoutError:
+                drained = False
+            await self._refuse(scope, send, 413, "body_too_large", self._message(f"{int(declared)} bytes"),
+                               close=not drained)
             return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            more = message.get("more_body", False)
-            if size > self.limit:
-                if more:
-                    await self._drain(receive, size)
-                await self._refuse(send, f"more than {self.limit} bytes")
-                return
-            chunks.append(chunk)
-        body = b"".join(chunks)
+        try:
+            body = await asyncio.wait_for(self._read(scope, receive, send), self.timeout)
+        except asyncio.TimeoutError:
+            await self._refuse(scope, send, 408, "body_timeout",
+                               f"The request body did not arrive within body_timeout={self.timeout:g} s",
+                               close=True)
+            return
+        if body is None:  # refused (413) or the client left
+            return
         record = REQUEST_LOG.get()
         if record is not None:
             record["_body"] = body
+        if body and _is_json(scope):
+            try:
+                parsed = (await asyncio.to_thread(parse_json_body, body) if len(body) > PARSE_OFF_LOOP_BYTES
+                          else parse_json_body(body))
+            except BodyError as exc:
+                await self._refuse(scope, send, 400, "bad_body", str(exc))
+                return
+            scope.setdefault("state", {})[JSON_BODY_STATE_KEY] = parsed
+            if record is not None:
+                record["_json"] = parsed
         replayed = False
 
         async def replay() -> Message:
@@ -265,7 +297,32 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if len(body) >= TRIM_AFTER_BODY_BYTES:  # its decoded images are garbage by now
+                await asyncio.to_thread(release_freed_heap)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body; None after answering 413 (or when the client disconnected)."""
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > self.limit:
+                if more:
+                    await self._drain(receive, size)
+                await self._refuse(scope, send, 413, "body_too_large",
+                                   self._message(f"more than {self.limit} bytes"))
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _drain(self, receive: Receive, size: int) -> None:
         """Discard the rest of an oversize body (bounded) so the client can read the 413."""
@@ -277,10 +334,33 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 return
 
-    async def _refuse(self, send: Send, size: str) -> None:
-        self.metrics.reject("body_too_large")
-        message = self._message(size)
+    async def _refuse(self, scope: Scope, send: Send, status: int, reason: str, message: str,
+                      close: bool = False) -> None:
+        self.metrics.reject(reason)
         record = REQUEST_LOG.get()
         if record is not None:
             record["error"] = message
-        await send_json(send, 413, a1111_body(message, "HTTPException", 413))
+        await send_json(send, status, client_error_body(scope["path"], status, message),
+                        {"Connection": "close"} if close else None)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (musl, macOS: nothing to do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None
+
+
+def release_freed_heap() -> None:
+    """Give freed heap pages back to the OS: after a request that decoded large images, glibc keeps
+    them in its arenas (RSS stays high) unless asked (measured in bench/bench_memory.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _is_json(scope: Scope) -> bool:
+    """Every body is read as JSON except multipart uploads (no route takes those)."""
+    content_type = (_header(scope, b"content-type") or "").lower()
+    return not content_type.startswith("multipart/")

@@ -3,15 +3,46 @@
 The /sdapi models follow A1111's generated models (`modules/api/models.py`): every field Optional,
 nulls accepted, unknown keys ignored, A1111's defaults (the response echoes them). What the
 service actually runs is decided later by the capability table, not by these defaults.
+
+Every number a request may carry is bounded here (`Int`, `Float`: finite, in a range no field
+needs to leave), and free-form values (`override_settings`, `script_args`, ...) pass the body
+parser's checks (`FreeForm`), so no value can overflow, fail to serialize or recurse later.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
+from ..pipeline.prompt_parser import check_prompt_text
 from ..service.capabilities import DEFAULT_DENOISING_STRENGTH
+from .body import check_json_value
+
+INT_LIMIT = 2**31 - 1     # sizes, steps, counts, modes: far beyond any clamp, far below float overflow
+FLOAT_LIMIT = 1e9         # scales, strengths, sampler knobs
+
+
+def _checked(value: Any) -> Any:
+    """Free-form JSON: the body parser's depth, finiteness, range and Unicode checks (ValueError)."""
+    check_json_value(value)
+    return value
+
+
+def _prompt_checked(value: Any, info: ValidationInfo) -> Any:
+    """A prompt (or list of prompts) the pipeline will accept: valid Unicode, bounded nesting."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            check_prompt_text(text, info.field_name or "prompt")
+    return value
+
+
+Int = Annotated[int, Field(ge=-INT_LIMIT - 1, le=INT_LIMIT)]
+Float = Annotated[float, Field(ge=-FLOAT_LIMIT, le=FLOAT_LIMIT, allow_inf_nan=False)]
+FreeForm = Annotated[Any, AfterValidator(_checked)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_checked)]
+JsonList = Annotated[list[Any], AfterValidator(_checked)]
+Prompt = Annotated[str, AfterValidator(_prompt_checked)]
 
 
 class _Lenient(BaseModel):
@@ -23,21 +54,21 @@ class GenerateRequest(_Lenient):
     """POST /generate (the upstream seed contract). `mode` and `prompt` are checked by the translation."""
 
     mode: str | None = None
-    prompt: str | None = None
-    negative_prompt: str | None = None
+    prompt: Prompt | None = None
+    negative_prompt: Prompt | None = None
     init_image: str | None = None
     init_images: list[str] | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    seed: Any = -1
+    width: Int | None = None
+    height: Int | None = None
+    steps: Int | None = None
+    seed: FreeForm = -1
     sampler_name: str | None = None
-    cfg_scale: float | None = None
-    n_iter: int | None = None
-    batch_size: int | None = None
-    denoising_strength: float | None = None
-    strength: float | None = None
-    resize_mode: int | None = None
+    cfg_scale: Float | None = None
+    n_iter: Int | None = None
+    batch_size: Int | None = None
+    denoising_strength: Float | None = None
+    strength: Float | None = None
+    resize_mode: Int | None = None
     task_id: str | None = None
     return_images: bool | None = None   # true: `images` also for a single image
 
@@ -61,47 +92,47 @@ class GenerateResponse(BaseModel):
 class _ProcessingFields(_Lenient):
     """Fields of A1111's StableDiffusionProcessing plus the API-only ones."""
 
-    prompt: str | list[str] | None = ""
-    negative_prompt: str | list[str] | None = ""
+    prompt: Prompt | list[Prompt] | None = ""
+    negative_prompt: Prompt | list[Prompt] | None = ""
     styles: list[str] | None = None
-    seed: Any = -1
-    subseed: Any = -1
-    subseed_strength: float | None = 0
-    seed_resize_from_h: int | None = -1
-    seed_resize_from_w: int | None = -1
+    seed: FreeForm = -1
+    subseed: FreeForm = -1
+    subseed_strength: Float | None = 0
+    seed_resize_from_h: Int | None = -1
+    seed_resize_from_w: Int | None = -1
     sampler_name: str | None = None
     scheduler: str | None = None
-    batch_size: int | None = 1
-    n_iter: int | None = 1
-    steps: int | None = 50
-    cfg_scale: float | None = 7.0
-    width: int | None = 512
-    height: int | None = 512
+    batch_size: Int | None = 1
+    n_iter: Int | None = 1
+    steps: Int | None = 50
+    cfg_scale: Float | None = 7.0
+    width: Int | None = 512
+    height: Int | None = 512
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool | None = False
     do_not_save_grid: bool | None = False
-    eta: float | None = None
-    s_min_uncond: float | None = None
-    s_churn: float | None = None
-    s_tmax: float | None = None
-    s_tmin: float | None = None
-    s_noise: float | None = None
-    override_settings: dict[str, Any] | None = None
+    eta: Float | None = None
+    s_min_uncond: Float | None = None
+    s_churn: Float | None = None
+    s_tmax: Float | None = None
+    s_tmin: Float | None = None
+    s_noise: Float | None = None
+    override_settings: JsonObject | None = None
     override_settings_restore_afterwards: bool | None = True
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float | None = None
+    refiner_switch_at: Float | None = None
     disable_extra_networks: bool | None = False
     firstpass_image: str | None = None
-    comments: dict[str, Any] | None = None
-    clip_skip: int | None = None  # SD.Next; SillyTavern sends it
+    comments: JsonObject | None = None
+    clip_skip: Int | None = None  # SD.Next; SillyTavern sends it
     # API-only fields
     sampler_index: str | None = "Euler"
     script_name: str | None = None
-    script_args: list[Any] | None = Field(default_factory=list)
+    script_args: JsonList | None = Field(default_factory=list)
     send_images: bool | None = True
     save_images: bool | None = False
-    alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
+    alwayson_scripts: JsonObject | None = Field(default_factory=dict)
     force_task_id: str | None = None
     infotext: str | None = None
 
@@ -109,15 +140,15 @@ class _ProcessingFields(_Lenient):
 class Txt2ImgRequest(_ProcessingFields):
     """POST /sdapi/v1/txt2img (A1111 StableDiffusionTxt2ImgProcessingAPI)."""
 
-    denoising_strength: float | None = None
+    denoising_strength: Float | None = None
     enable_hr: bool | None = False
-    firstphase_width: int | None = 0
-    firstphase_height: int | None = 0
-    hr_scale: float | None = 2.0
+    firstphase_width: Int | None = 0
+    firstphase_height: Int | None = 0
+    hr_scale: Float | None = 2.0
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int | None = 0
-    hr_resize_x: int | None = 0
-    hr_resize_y: int | None = 0
+    hr_second_pass_steps: Int | None = 0
+    hr_resize_x: Int | None = 0
+    hr_resize_y: Int | None = 0
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
@@ -128,20 +159,20 @@ class Txt2ImgRequest(_ProcessingFields):
 class Img2ImgRequest(_ProcessingFields):
     """POST /sdapi/v1/img2img (A1111 StableDiffusionImg2ImgProcessingAPI)."""
 
-    init_images: list[Any] | None = None
-    resize_mode: int | None = 0
-    denoising_strength: float | None = DEFAULT_DENOISING_STRENGTH
-    image_cfg_scale: float | None = None
+    init_images: JsonList | None = None
+    resize_mode: Int | None = 0
+    denoising_strength: Float | None = DEFAULT_DENOISING_STRENGTH
+    image_cfg_scale: Float | None = None
     mask: str | None = None
-    mask_blur_x: int | None = 4
-    mask_blur_y: int | None = 4
-    mask_blur: int | None = None
+    mask_blur_x: Int | None = 4
+    mask_blur_y: Int | None = 4
+    mask_blur: Int | None = None
     mask_round: bool | None = True
-    inpainting_fill: int | None = 0
+    inpainting_fill: Int | None = 0
     inpaint_full_res: bool | None = True
-    inpaint_full_res_padding: int | None = 0
-    inpainting_mask_invert: int | None = 0
-    initial_noise_multiplier: float | None = None
+    inpaint_full_res_padding: Int | None = 0
+    inpainting_mask_invert: Int | None = 0
+    initial_noise_multiplier: Float | None = None
     latent_mask: str | None = None
     include_init_images: bool | None = Field(False, exclude=True)
 

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from .prompt_parser import (
+    check_prompt_text,
     extract_extra_networks,
     get_learned_conditioning_prompt_schedules,
     parse_prompt_attention,
@@ -162,9 +163,13 @@ class TextConditioner:
 
     def plan(self, prompt: str, negative_prompt: str, steps: int, max_and_prompts: int = 3,
              guidance: bool = True) -> PromptPlan:
-        """Parse extra-network tags, AND sub-prompts and editing schedules; tokenize every text."""
+        """Parse extra-network tags, AND sub-prompts and editing schedules; tokenize every text.
+
+        PromptError (naming the field) for a prompt `check_prompt_text` refuses."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        check_prompt_text(prompt, "prompt")
+        check_prompt_text(negative_prompt, "negative_prompt")
         max_and_prompts = max(1, max_and_prompts)  # 0 would drop the prompt and leave only uncond
         warnings: list[str] = []
         prompt, networks = extract_extra_networks(prompt)

@@ -30,10 +30,37 @@ class ImageDecodeError(ValueError):
     """An init image that cannot or must not be decoded."""
 
 
-def decode_image_b64(data: str, max_pixels: int) -> Image.Image:
+class PixelBudget:
+    """Decoded init-image pixels one request may still use (setting max_request_pixels)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, width: int, height: int) -> None:
+        """Count one decoded image; ImageDecodeError when the request's total would pass the limit."""
+        if self.used + width * height > self.limit:
+            raise ImageDecodeError(
+                f"decoding this {width}x{height} image would bring the request to "
+                f"{self.used + width * height} pixels; the limit is {self.limit} per request "
+                "(setting max_request_pixels)"
+            )
+        self.used += width * height
+
+
+def images_used(sent: int, batch_size: int) -> int:
+    """How many of `sent` init images a batch reads (image i uses init image i % batch % sent):
+    decode only these, so extra images cost no memory."""
+    return min(sent, max(batch_size, 1))
+
+
+def decode_image_b64(data: str, max_pixels: int, target_size: tuple[int, int] | None = None,
+                     budget: PixelBudget | None = None) -> Image.Image:
     """Base64 (raw or `data:image/...;base64,` URI) PNG/JPEG/WEBP -> RGB image, EXIF orientation applied.
 
-    The pixel count is checked from the header before the pixels are decoded.
+    The pixel count is checked from the header before the pixels are decoded. With `target_size`
+    a JPEG is decoded at the smallest DCT scale (1/2 .. 1/8) still covering the target in both
+    directions, whatever its orientation; `budget` caps the decoded pixels of the whole request.
     """
     text = _DATA_URI.sub("", "".join(data.split()))
     if not text:
@@ -42,10 +69,12 @@ def decode_image_b64(data: str, max_pixels: int) -> Image.Image:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageDecodeError(f"invalid base64 image data: {exc}") from exc
-    return decode_image_bytes(raw, max_pixels)
+    del text
+    return decode_image_bytes(raw, max_pixels, target_size, budget)
 
 
-def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
+def decode_image_bytes(raw: bytes, max_pixels: int, target_size: tuple[int, int] | None = None,
+                       budget: PixelBudget | None = None) -> Image.Image:
     """PNG/JPEG/WEBP bytes -> RGB image (see `decode_image_b64`)."""
     accepted = ", ".join(ACCEPTED_FORMATS)
     try:
@@ -64,6 +93,12 @@ def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
             f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels "
             "(setting max_init_image_pixels)"
         )
+    if target_size is not None and img.format == "JPEG":
+        side = max(target_size)
+        with contextlib.suppress(Exception):  # draft is an optimisation; a full decode still works
+            img.draft("RGB", (side, side))
+    if budget is not None:
+        budget.charge(*img.size)
     try:
         img.load()
     except Exception as exc:  # noqa: BLE001 - truncated data, broken chunks

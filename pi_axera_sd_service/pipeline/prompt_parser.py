@@ -9,6 +9,9 @@ schedule grammar is a small recursive-descent parser instead of A1111's lark gra
     scheduled: "[" [prompt ":"] prompt ":" ws? NUMBER ws? "]"
     alternate: "[" prompt ("|" prompt?)+ "]"
     plain:     ([^\\[]():|] | "\\" any-but-newline)+
+
+`check_prompt_text` is the gate every prompt passes before parsing and tokenizing: valid Unicode,
+brackets nested at most MAX_PROMPT_NESTING deep (the schedule parser recurses per level).
 """
 
 from __future__ import annotations
@@ -16,6 +19,46 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+
+# --- the gate: Unicode and nesting depth ----------------------------------------------------
+
+MAX_PROMPT_NESTING = 100  # "(" / "[" levels; ≈3 parser frames each, far below the recursion limit
+_RE_BRACKET = re.compile(r"\\.|[()\[\]]", re.S)
+_RE_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+class PromptError(ValueError):
+    """A prompt the pipeline refuses (a client error); `field` names the prompt it came from."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def nesting_depth(text: str) -> int:
+    """Deepest level of unescaped "(" / "[" (a closer never takes the level below zero)."""
+    depth = deepest = 0
+    for match in _RE_BRACKET.finditer(text):
+        token = match.group(0)
+        if token in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ")]":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def check_prompt_text(text: str, field: str = "prompt") -> None:
+    """PromptError naming `field` unless `text` is valid Unicode and nested at most MAX_PROMPT_NESTING."""
+    bad = _RE_LONE_SURROGATE.search(text)
+    if bad is not None:
+        raise PromptError(field, f"not valid Unicode: lone surrogate U+{ord(bad.group()):04X} at character "
+                                 f"{bad.start()}")
+    depth = nesting_depth(text)
+    if depth > MAX_PROMPT_NESTING:
+        raise PromptError(field, f"brackets nested {depth} deep; the limit is {MAX_PROMPT_NESTING}")
+
 
 # --- emphasis: parse_prompt_attention ------------------------------------------------------
 
@@ -273,10 +316,10 @@ def _resolve_steps(nodes: list, steps: int) -> list[int]:
         if isinstance(node, _Alternate):
             change_steps.update(range(1, steps + 1))
             continue
-        value = float(node.when_text)
+        value = float(node.when_text)  # "1e999" or 400 digits is inf: clamp before int()
         if "." in node.when_text:
             value *= steps
-        node.when = min(steps, int(value))
+        node.when = int(min(max(value, 0.0), steps))
         if node.when >= 1:
             change_steps.add(node.when)
     return sorted(change_steps)
@@ -295,8 +338,11 @@ def _text_at(nodes: list, step: int) -> str:
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """[(end_step, text)] for one prompt: `text` is used up to and including step `end_step`."""
+def prompt_schedule(prompt: str, steps: int, field: str = "prompt") -> list[tuple[int, str]]:
+    """[(end_step, text)] for one prompt: `text` is used up to and including step `end_step`.
+
+    PromptError (naming `field`) for a prompt `check_prompt_text` refuses."""
+    check_prompt_text(prompt, field)
     try:
         nodes = _ScheduleParser(prompt).parse()
     except PromptSyntaxError:

@@ -14,6 +14,14 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+# HTTP methods that may become label values; anything else a client sends is counted as "other".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+
+
+def http_method_label(method: str) -> str:
+    """The method as a bounded label value (raw client input never becomes a label)."""
+    return method if method in KNOWN_METHODS else OTHER_METHOD
 
 
 class ServiceMetrics:
@@ -22,7 +30,8 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("sd_http_requests", "HTTP requests by route template, method and status",
+        self.requests = Counter("sd_http_requests",
+                                "HTTP requests by route template, method (unknown: other), status",
                                 ["route", "method", "status"], registry=r)
         self.generation_seconds = Histogram("sd_generation_seconds",
                                             "Latency of accepted generation jobs, queue wait included",

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from ..pipeline.images import ImageDecodeError, decode_image_b64
+from ..pipeline.prompt_parser import PromptError, check_prompt_text
 from ..settings import Settings
 from .errors import RequestError
 from .infotext import parse_generation_parameters
@@ -90,6 +91,10 @@ def _check_prompt(name: str, value: Any, settings: Settings) -> str:
             name, f"{name} has {len(text)} characters; the limit is {settings.max_prompt_chars} "
             "(setting max_prompt_chars)"
         )
+    try:
+        check_prompt_text(text, name)  # also for prompts filled in from `infotext`
+    except PromptError as exc:
+        raise RequestError(name, str(exc)) from None
     return text
 
 
