@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ...service.errors import RequestError
 from ...service.request import from_generate
-from ..deps import EngineDep
+from ..deps import GenerationEngineDep
 from ..protocol import GenerateRequest, GenerateResponse
 
 router = APIRouter()
@@ -47,7 +47,7 @@ async def _payload(request: Request) -> GenerateRequest:
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, openapi_extra={
     "requestBody": {"required": True,
                     "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}})
-async def generate(request: Request, engine: EngineDep) -> GenerateResponse:
+async def generate(request: Request, engine: GenerationEngineDep) -> GenerateResponse:
     """txt2img or img2img through the one GenerationRequest; PNG images as raw base64."""
     payload = await _payload(request)
     result, encoded = await engine.generate(

@@ -19,7 +19,7 @@ from ...service.infotext import png_info
 from ...service.request import GenerationRequest, from_sdapi
 from ...service.results import sdapi_parameters
 from ...settings import is_exposed
-from ..deps import EngineDep, ReadyEngineDep
+from ..deps import EngineDep, GenerationEngineDep, ReadyEngineDep
 from ..protocol import (
     EmbeddingsResponse,
     ImageResponse,
@@ -55,12 +55,12 @@ async def _generate(
 
 
 @router.post("/txt2img", response_model=ImageResponse)
-async def txt2img(payload: Txt2ImgRequest, request: Request, engine: EngineDep) -> ImageResponse:
+async def txt2img(payload: Txt2ImgRequest, request: Request, engine: GenerationEngineDep) -> ImageResponse:
     return await _generate("txt2img", payload, request, engine)
 
 
 @router.post("/img2img", response_model=ImageResponse)
-async def img2img(payload: Img2ImgRequest, request: Request, engine: EngineDep) -> ImageResponse:
+async def img2img(payload: Img2ImgRequest, request: Request, engine: GenerationEngineDep) -> ImageResponse:
     return await _generate("img2img", payload, request, engine)
 
 
