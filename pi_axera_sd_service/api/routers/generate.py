@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from ...service.errors import RequestError
 from ...service.request import from_generate
 from ..deps import GenerationEngineDep
-from ..protocol import GenerateRequest, GenerateResponse
+from ..protocol import GenerateErrorBody, GenerateRequest, GenerateResponse, error_responses
 
 router = APIRouter()
 
@@ -44,7 +44,12 @@ async def _payload(request: Request) -> GenerateRequest:
 
 
 # The body is parsed by hand (upstream's 400s), so its schema is given to the docs explicitly.
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, openapi_extra={
+# 413 comes from the body-limit middleware, in A1111's body.
+GENERATE_ERRORS = {**error_responses(400, 500, 503, model=GenerateErrorBody), **error_responses(413)}
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True,
+             responses=GENERATE_ERRORS, openapi_extra={
     "requestBody": {"required": True,
                     "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}})
 async def generate(request: Request, engine: GenerationEngineDep) -> GenerateResponse:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from ...service.metrics import METRICS_CONTENT_TYPE
 from ..deps import EngineDep, ReadyEngineDep
+from ..protocol import HealthBody, error_responses
 
 router = APIRouter()
 
@@ -28,7 +29,7 @@ async def ping() -> dict[str, Any]:
     return {}
 
 
-@router.post("/internal/progress")
+@router.post("/internal/progress", responses=error_responses(413))
 async def task_progress(body: TaskProgressRequest, engine: EngineDep) -> dict[str, Any]:
     return engine.task_progress(body.id_task or "", body.id_live_preview, body.live_preview)
 
@@ -39,17 +40,18 @@ async def pending_tasks(engine: EngineDep) -> dict[str, Any]:
     return {"size": len(tasks), "tasks": tasks}
 
 
-@router.get("/health")
+@router.get("/health", responses={200: {"model": HealthBody, "description": "Ready"},
+                                   503: {"model": HealthBody, "description": "Not ready: `status` says why"}})
 async def health(engine: EngineDep) -> JSONResponse:
     body = engine.health()
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(engine: EngineDep) -> Response:
     return Response(engine.metrics_exposition(), media_type=METRICS_CONTENT_TYPE)
 
 
-@router.get("/capabilities")
+@router.get("/capabilities", responses=error_responses(503))
 async def capabilities(engine: ReadyEngineDep) -> dict[str, Any]:
     return engine.capabilities_dict()
