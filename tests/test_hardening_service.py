@@ -1,6 +1,6 @@
 """Issue 13, the service-side classes: a failed options write changes nothing (7), generation waits
 for the model load (9), init_images are capped and decoded lazily (5), and the OpenAPI spec tells
-the truth (10; the schemathesis run is in test_openapi_fuzz.py)."""
+the truth (10: schemathesis over our own /openapi.json, every route of a demo-pack app)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
 from PIL import Image
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from pi_axera_sd_service.api.app import create_app
 from pi_axera_sd_service.runtime.session import ModelLoadError
 from pi_axera_sd_service.service.engine import Engine
 
+FUZZ_EXAMPLES = 6   # per operation: the whole spec runs in well under a minute
 GATE_S = 30   # how long a gated load waits for its release before the test is declared hung
 
 
@@ -177,3 +186,52 @@ def test_init_images_past_max_images_per_request_are_never_decoded(make_client, 
     body = resp.json()
     assert len(body["images"]) == 2
     assert any("the rest were not used" in w for w in json.loads(body["info"])["warnings"])
+
+
+# ---------------------------------------------------------------------------- class 10: OpenAPI truth
+@pytest.fixture()
+def demo_app_schema(demo_models, settings_factory):
+    """Our own /openapi.json over the ASGI app of a started demo-pack engine (small sizes: fast jobs)."""
+    app_settings = settings_factory(max_images_per_request=2, queue_timeout=30)
+    engine = Engine(app_settings, models=demo_models)
+    engine.start()
+    yield schemathesis.openapi.from_asgi("/openapi.json", create_app(app_settings, engine))
+    engine.shutdown(5)
+
+
+# The issue's bar: no 5xx, and every answer as the spec says. Not "every schema-valid body is
+# accepted": the capability table refuses some values the A1111 schema allows (declared as 422).
+def no_server_fault(ctx, response, case) -> bool | None:
+    """not_a_server_error, except a 501 the spec declares (interrogate: no CLIP models, by design)."""
+    if response.status_code == 501 and "501" in case.operation.definition.raw.get("responses", {}):
+        return True
+    return not_a_server_error(ctx, response, case)
+
+
+FUZZ_CHECKS = [no_server_fault, status_code_conformance, content_type_conformance,
+               response_schema_conformance]
+
+
+def test_every_route_answers_what_its_openapi_spec_says(demo_app_schema) -> None:
+    """No 5xx, every status, body and content type as declared, on every operation of the spec.
+
+    (schemathesis' own pytest loader does not run under pytest 9, so each operation gets its own
+    hypothesis run here; every failing operation is reported, not just the first.)"""
+    failures: dict[str, str] = {}
+    operations = [result.ok() for result in demo_app_schema.get_all_operations()]
+    assert len(operations) > 30
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None, derandomize=True)
+        def call(case) -> None:
+            case.call_and_validate(checks=FUZZ_CHECKS)
+
+        try:
+            call()
+        except BaseException as exc:   # schemathesis' FailureGroup is a BaseExceptionGroup
+            if not isinstance(exc, Exception) and not hasattr(exc, "exceptions"):
+                raise   # KeyboardInterrupt and the like
+            failures[operation.label] = str(exc)[:2000]
+    assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
