@@ -234,6 +234,12 @@ class FieldErrorsBody(BaseModel):
     detail: list[dict[str, Any]]
 
 
+class HTTPErrorBody(BaseModel):
+    """FastAPI's body for an HTTP error outside /sdapi (e.g. a body that is not JSON: 400)."""
+
+    detail: Any
+
+
 class UnprocessableBody(RootModel[A1111ErrorBody | FieldErrorsBody]):
     """A 422: the capability table refused a value (A1111's body), or the body does not fit the
     route's model (FastAPI's `{"detail": [...]}`)."""

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from ...service.metrics import METRICS_CONTENT_TYPE
 from ..deps import EngineDep, ReadyEngineDep
-from ..protocol import HealthBody, error_responses
+from ..protocol import HealthBody, HTTPErrorBody, error_responses
 
 router = APIRouter()
 
@@ -29,7 +29,8 @@ async def ping() -> dict[str, Any]:
     return {}
 
 
-@router.post("/internal/progress", responses=error_responses(413))
+@router.post("/internal/progress", responses={**error_responses(400, model=HTTPErrorBody),
+                                              **error_responses(413)})
 async def task_progress(body: TaskProgressRequest, engine: EngineDep) -> dict[str, Any]:
     return engine.task_progress(body.id_task or "", body.id_live_preview, body.live_preview)
 
