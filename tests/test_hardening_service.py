@@ -215,19 +215,18 @@ FUZZ_CHECKS = [no_server_fault, status_code_conformance, content_type_conformanc
                response_schema_conformance]
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
-def test_every_route_answers_what_its_openapi_spec_says(demo_app_schema, mode: GenerationMode) -> None:
-    """No 5xx, every status, body and content type as declared, on every operation of the spec.
+def fuzz_failures(schema, mode: GenerationMode, examples: int) -> dict[str, str]:
+    """{operation: what failed} after `examples` generated calls of every operation in `schema`.
 
     (schemathesis' own pytest loader does not run under pytest 9, so each operation gets its own
     hypothesis run here; every failing operation is reported, not just the first.)"""
     failures: dict[str, str] = {}
-    operations = [result.ok() for result in demo_app_schema.get_all_operations()]
+    operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) > 30
     for operation in operations:
 
         @given(case=operation.as_strategy(mode))
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck),
                   database=None, derandomize=True)
         def call(case) -> None:
             case.call_and_validate(checks=FUZZ_CHECKS, timeout=CALL_TIMEOUT_S)
@@ -240,4 +239,20 @@ def test_every_route_answers_what_its_openapi_spec_says(demo_app_schema, mode: G
             if not isinstance(exc, Exception) and not hasattr(exc, "exceptions"):
                 raise   # KeyboardInterrupt and the like
             failures[operation.label] = str(exc)[:2000]
+    return failures
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
+def test_every_route_answers_what_its_openapi_spec_says(demo_app_schema, mode: GenerationMode) -> None:
+    """No 5xx, every status, body and content type as declared, on every operation of the spec."""
+    failures = fuzz_failures(demo_app_schema, mode, FUZZ_EXAMPLES)
+    assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
+
+
+def test_with_api_auth_every_route_declares_the_401_it_sends(live_server, settings_factory) -> None:
+    """The spec (fetched with credentials) against calls without them: 401s (and the open /health,
+    /internal/ping) exactly as declared."""
+    server = live_server(settings_factory(api_auth="user:secret"))
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", auth=("user", "secret"))
+    failures = fuzz_failures(schema, GenerationMode.POSITIVE, 2)
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())

@@ -18,7 +18,7 @@ from ...service.request import from_generate
 from ..deps import GenerationEngineDep
 from ..protocol import GenerateErrorBody, GenerateRequest, GenerateResponse, error_responses
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(401))   # 401 only with api_auth
 
 
 def _validation_message(exc: ValidationError) -> str:

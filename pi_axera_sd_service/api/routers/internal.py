@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ...service.metrics import METRICS_CONTENT_TYPE
 from ..deps import EngineDep, ReadyEngineDep
 from ..protocol import HealthBody, HTTPErrorBody, error_responses
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(401))   # api_auth (/health, /internal/ping: auth_health)
 
 
 class TaskProgressRequest(BaseModel):
@@ -48,7 +48,8 @@ async def health(engine: EngineDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "The Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(engine: EngineDep) -> Response:
     return Response(engine.metrics_exposition(), media_type=METRICS_CONTENT_TYPE)
 

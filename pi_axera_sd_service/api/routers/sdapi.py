@@ -36,7 +36,7 @@ from ..protocol import (
     error_responses,
 )
 
-router = APIRouter(prefix="/sdapi/v1")
+router = APIRouter(prefix="/sdapi/v1", responses=error_responses(401))   # 401 only with api_auth
 
 
 # ---------------------------------------------------------------------------- generation
