@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SESSION_ROLES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DISCONNECT_POLL_S = 0.25
 NOT_READY_RETRY_S = 5
+READY_POLL_S = 0.05     # how often a request waiting for the model load looks again
 GENERATE = "generate"   # the Job kind of a GenerationPlan
 
 
@@ -92,6 +93,7 @@ class Engine:
         self._worker: Worker | None = None
         self._runner: JobRunner | None = None
         self.load_error: str | None = None   # set when a background start failed
+        self.load_ended = threading.Event()  # set once start() has loaded the models or failed to
         self._shutting_down = False
         self._consecutive_failures = 0
 
@@ -113,6 +115,7 @@ class Engine:
         worker = Worker(self.queue, self._run_job)
         worker.start()
         self._worker = worker   # set once running: `started` and shutdown's join see a live thread
+        self.load_ended.set()
         log.info("engine ready: %s on %s (max_queue=%d)", self.models.model_name, self.models.backend,
                  self.settings.max_queue)
 
@@ -126,6 +129,8 @@ class Engine:
                 self.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ModelLoadError) \
                     else str(exc)
                 log.error("cannot load the models: %s", self.load_error)
+            finally:
+                self.load_ended.set()
 
         thread = threading.Thread(target=load, name="model-load", daemon=True)
         thread.start()
@@ -181,6 +186,14 @@ class Engine:
             raise DeviceLostError(f"The models failed to load ({self.load_error})")
         if self._worker is None:
             raise NotReadyError("Models are still loading", retry_after=NOT_READY_RETRY_S)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the models to finish loading, then `require_ready` (the 503 of
+        a failed load or of a load still under way). Polls, so no executor thread is held."""
+        deadline = time.monotonic() + timeout
+        while not self.load_ended.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(READY_POLL_S)
+        self.require_ready()
 
     def plan(self, request: GenerationRequest) -> GenerationPlan:
         """The capability table's plan for `request` under the current options (CapabilityError: 422)."""

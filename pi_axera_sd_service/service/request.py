@@ -120,17 +120,39 @@ def from_sdapi(
         unsupported={k: sent[k] for k in UNSUPPORTED_FIELDS if k in sent},
     )
     if mode == "img2img":
-        if payload.get("init_images") is None:
-            raise RequestError("init_images", "Init image not found", status_code=404)
-        images = decode_init_images(payload["init_images"], "init_images", settings.max_init_image_pixels)
-        if not images:
-            raise RequestError("init_images", "Init image not found", status_code=404)
+        images, warning = _used_init_images(payload.get("init_images"), fields["batch_size"], settings)
         fields.update(
+            warnings=[warning] if warning else [],
             init_images=images, mask_given=bool(payload.get("mask")) or bool(payload.get("latent_mask")),
             denoising_strength=_float(sent, "denoising_strength", None),
             resize_mode=_int(sent, "resize_mode", 0),
         )
     return GenerationRequest(**fields)
+
+
+def _used_init_images(
+    values: Any, batch_size: int, settings: Settings
+) -> tuple[list[Image.Image], str | None]:
+    """The init images the batch uses, decoded; only those are decoded (a request's memory is bounded).
+
+    A1111 repeats one init image over the batch and refuses more images than `batch_size`
+    (RuntimeError "bad number of images passed", a 500): here that is a 400 naming the field, before
+    any image is decoded. At most `max_images_per_request` are decoded (the batch is clamped to it);
+    images past that are never used, so they are skipped with a warning."""
+    if not values:   # None (A1111's 404) or an empty list
+        raise RequestError("init_images", "Init image not found", status_code=404)
+    if not isinstance(values, list):
+        raise RequestError("init_images", "init_images must be a list of base64 images")
+    batch = max(batch_size, 1)
+    if len(values) > batch:
+        raise RequestError("init_images", f"init_images has {len(values)} images but batch_size is {batch}; "
+                           "send one image (repeated over the batch) or at most batch_size images")
+    used = min(len(values), settings.max_images_per_request)
+    warning = None
+    if used < len(values):
+        warning = (f"init_images: {len(values)} images sent, the batch is limited to "
+                   f"{settings.max_images_per_request} (max_images_per_request); the rest were not used")
+    return decode_init_images(values[:used], "init_images", settings.max_init_image_pixels), warning
 
 
 # A1111 `infotext` request field: values parsed from it fill the fields the request did not set.

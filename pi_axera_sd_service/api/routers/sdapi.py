@@ -19,7 +19,7 @@ from ...service.infotext import png_info
 from ...service.request import GenerationRequest, from_sdapi
 from ...service.results import sdapi_parameters
 from ...settings import is_exposed
-from ..deps import EngineDep, ReadyEngineDep
+from ..deps import EngineDep, GenerationEngineDep, ReadyEngineDep
 from ..protocol import (
     EmbeddingsResponse,
     ImageResponse,
@@ -33,9 +33,10 @@ from ..protocol import (
     SDModelItem,
     Txt2ImgRequest,
     UpscalerItem,
+    error_responses,
 )
 
-router = APIRouter(prefix="/sdapi/v1")
+router = APIRouter(prefix="/sdapi/v1", responses=error_responses(401))   # 401 only with api_auth
 
 
 # ---------------------------------------------------------------------------- generation
@@ -54,13 +55,16 @@ async def _generate(
     )
 
 
-@router.post("/txt2img", response_model=ImageResponse)
-async def txt2img(payload: Txt2ImgRequest, request: Request, engine: EngineDep) -> ImageResponse:
+GENERATION_ERRORS = (400, 413, 422, 500, 503)
+
+
+@router.post("/txt2img", response_model=ImageResponse, responses=error_responses(*GENERATION_ERRORS))
+async def txt2img(payload: Txt2ImgRequest, request: Request, engine: GenerationEngineDep) -> ImageResponse:
     return await _generate("txt2img", payload, request, engine)
 
 
-@router.post("/img2img", response_model=ImageResponse)
-async def img2img(payload: Img2ImgRequest, request: Request, engine: EngineDep) -> ImageResponse:
+@router.post("/img2img", response_model=ImageResponse, responses=error_responses(404, *GENERATION_ERRORS))
+async def img2img(payload: Img2ImgRequest, request: Request, engine: GenerationEngineDep) -> ImageResponse:
     return await _generate("img2img", payload, request, engine)
 
 
@@ -83,12 +87,12 @@ async def skip(engine: EngineDep) -> None:
 
 
 # ---------------------------------------------------------------------------- options
-@router.get("/options")
+@router.get("/options", responses=error_responses(503))
 async def get_options(engine: ReadyEngineDep) -> Any:
     return engine.get_options()
 
 
-@router.post("/options")
+@router.post("/options", responses=error_responses(400, 413, 422, 500, 503))
 async def set_options(engine: ReadyEngineDep, changes: dict[str, Any] = Body(...)) -> None:  # noqa: B008
     """Accepts the whole GET dict back; unknown and read-only keys are ignored; returns null."""
     await asyncio.to_thread(engine.set_options, changes)
@@ -191,7 +195,7 @@ for _path in ("/unload-checkpoint", "/reload-checkpoint"):
 
 
 # ---------------------------------------------------------------------------- png-info
-@router.post("/png-info", response_model=PNGInfoResponse)
+@router.post("/png-info", response_model=PNGInfoResponse, responses=error_responses(400, 413, 422))
 async def png_info_route(payload: PNGInfoRequest) -> Any:
     return await asyncio.to_thread(png_info, payload.image)
 
@@ -203,13 +207,13 @@ INTERROGATE_UNAVAILABLE = (
 )
 
 
-@router.post("/interrogate")
+@router.post("/interrogate", responses=error_responses(501))
 async def interrogate() -> Any:
     """501 in A1111's error shape, as the upstream service answered without its CLIP models."""
     raise FeatureUnavailableError(INTERROGATE_UNAVAILABLE)
 
 
-@router.post("/interrogate/structured")
+@router.post("/interrogate/structured", responses=error_responses(501))
 async def interrogate_structured() -> Any:
     """The upstream service's structured variant: also 501 (the picker falls back on any error)."""
     raise FeatureUnavailableError(INTERROGATE_UNAVAILABLE)
