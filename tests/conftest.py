@@ -1,8 +1,8 @@
 """Shared fixtures: the demo pack, loaded demo models, settings, a TestClient and a live uvicorn server.
 
-Session wrappers (`wrap_factory`) add a per-call delay, a fault or a gate to chosen roles, so that jobs
-overlap the way they do on the NPU. A gate holds a role's calls until the test lets them through, so a test
-can look at the server while a job is provably mid-run, however slow the machine is.
+Session wrappers (`wrap_factory`) add a per-call delay, a fault or a gate to chosen roles. A gate holds a
+role's calls until the test lets them through, so a test can look at the server while a job is provably
+mid-run, however slow the machine is: order events with gates, never with a delay (a busy CPU breaks that).
 """
 
 from __future__ import annotations
