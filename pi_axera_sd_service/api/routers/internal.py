@@ -13,6 +13,7 @@ from ...service.metrics import METRICS_CONTENT_TYPE
 from ..deps import EngineDep, ReadyEngineDep
 
 router = APIRouter()
+HEALTHY = ("ok", "degraded")   # degraded: some device lost or not loaded, one at least serving
 
 
 class TaskProgressRequest(BaseModel):
@@ -42,7 +43,7 @@ async def pending_tasks(engine: EngineDep) -> dict[str, Any]:
 @router.get("/health")
 async def health(engine: EngineDep) -> JSONResponse:
     body = engine.health()
-    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+    return JSONResponse(body, status_code=200 if body["status"] in HEALTHY else 503)
 
 
 @router.get("/metrics")
