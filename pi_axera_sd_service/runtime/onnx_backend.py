@@ -64,6 +64,9 @@ class OnnxSession:
         if threads is not None:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # Idle intra-op threads would spin after every run: CPU time taken from the HTTP side and
+        # from other devices' workers, for no change in the results.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
