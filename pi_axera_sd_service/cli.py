@@ -167,12 +167,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_check_models(args: argparse.Namespace) -> int:
     """One line per model; exit 1 when anything is wrong."""
     from pi_axera_sd_service.runtime.model_dir import check_models, format_check_lines
+    from pi_axera_sd_service.service.engine import check_device_indexes, describe_devices, device_count
 
     settings = settings_from_args(args)
     files, backend = resolve_files(settings, model_dir=args.folder)
-    lines = check_models(files, backend, settings.device_id)
-    print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
-    if all(line.ok for line in lines):
+    count = device_count(backend)
+    print(describe_devices(settings.devices, backend, count))
+    check_device_indexes(settings.devices, count)   # ModelLoadError: a clean error naming index and count
+    ok = True
+    for device in settings.devices:
+        if len(settings.devices) > 1:
+            print(f"device {device}:")
+        lines = check_models(files, backend, device)
+        print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
+        ok = ok and all(line.ok for line in lines)
+    if ok:
         return 0
     print(f"{PROG}: check-models: see the [FAIL] lines above", file=sys.stderr)
     return 1

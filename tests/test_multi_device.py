@@ -302,3 +302,18 @@ def test_two_tasks_run_at_once_with_their_own_progress(engines, settings_factory
     assert views["task(a)"]["active"] and views["task(b)"]["active"]
     assert views["task(a)"]["textinfo"] == "Image 1 out of 1"
     assert engine.task_progress("task(a)")["completed"] and engine.task_progress("task(b)")["completed"]
+
+
+def test_check_models_lists_the_devices_and_checks_each(demo_pack, monkeypatch, capsys):
+    from pi_axera_sd_service.cli import main
+
+    monkeypatch.setenv("DEVICE_IDS", "0,1")
+    assert main(["check-models", str(demo_pack), "--cache-dir", str(demo_pack.parent / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "devices: 0, 1 on onnxruntime" in out
+    assert "device 0:" in out and "device 1:" in out and out.count("all models OK") == 2
+
+    monkeypatch.setattr(engine_module, "device_count", lambda backend: 1)
+    assert main(["check-models", str(demo_pack)]) != 0
+    err = capsys.readouterr().err
+    assert "device 1 is out of range: 1 NPU device(s) found (indexes 0..0)" in err and "Traceback" not in err

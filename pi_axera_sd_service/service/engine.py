@@ -94,6 +94,13 @@ def device_count(backend: str) -> int | None:
         return None
 
 
+def describe_devices(devices: tuple[int, ...], backend: str, count: int | None) -> str:
+    """The start-up / check-models line: which devices are configured and how many the backend sees."""
+    found = f"{count} NPU device(s) found" if count is not None else (
+        "one CPU session set per device" if backend == "onnxruntime" else "device count unknown")
+    return f"devices: {', '.join(map(str, devices))} on {backend} ({found})"
+
+
 def check_device_indexes(devices: tuple[int, ...], count: int | None) -> None:
     """ModelLoadError naming the first index out of range and the count."""
     if count is None:
@@ -191,8 +198,7 @@ class Engine:
         backend = self.models.backend if self.models is not None else configured_model_files(self.settings)[1]
         count = device_count(backend)
         check_device_indexes(indexes, count)
-        log.info("devices: %s configured on %s%s", ", ".join(map(str, indexes)), backend,
-                 f" ({count} found)" if count is not None else "")
+        log.info("%s", describe_devices(indexes, backend, count))
         self.devices = [Device(index) for index in indexes]
         for device in self.devices:
             device.worker = Worker(self.queue, partial(self._run_part, device), self._finish,
