@@ -67,6 +67,7 @@ class OnnxSession:
         # Idle intra-op threads would spin after every run: CPU time taken from the HTTP side and
         # from other devices' workers, for no change in the results.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = False   # the arena keeps every run's peak; malloc gives it back
         try:
             self._session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=["CPUExecutionProvider"]

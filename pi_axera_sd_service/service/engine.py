@@ -29,6 +29,7 @@ from .errors import (
     ServiceUnavailableError,
     ShuttingDownError,
 )
+from .host_memory import tune_malloc
 from .metrics import ServiceMetrics, note_request
 from .progress import ProgressState
 from .queue import DEVICE_LOST_AFTER_FAILURES, Job, JobQueue, Part, Worker, looks_like_device_loss
@@ -194,6 +195,7 @@ class Engine:
 
         if self._started or self.devices:
             return
+        tune_malloc()
         indexes = self.settings.devices
         backend = self.models.backend if self.models is not None else configured_model_files(self.settings)[1]
         count = device_count(backend)
