@@ -3,7 +3,8 @@
 Starts `python -m pi_axera_sd_service serve --demo` (as bench_memory.py does), warms it up, then
 sends `--requests` requests of each kind one after the other and reads the server's CPU time
 (utime + stime of /proc/<pid>/stat, all threads) before and after: CPU ms per image. The kinds:
-`/sdapi/v1/txt2img` (one image, 4 steps) and `/generate` img2img with a 1024×768 PNG init image.
+`/sdapi/v1/txt2img` (one image, 4 steps) and `/generate` img2img (strength 0.5) with a 512×512 and
+a 1024×768 PNG init image (noisy gradients, as bench_memory.py sends).
 
 The demo graphs' own compute (≈7 ms per image here, see bench_pipeline.py) is part of the figure;
 everything else is the service: HTTP, JSON, base64, init image decode/resize, PNG encode.
@@ -34,12 +35,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def cases(init_b64: str) -> dict[str, tuple[str, dict]]:
+def cases() -> dict[str, tuple[str, dict]]:
+    """txt2img, and img2img with a 512×512 init (the model size) and a 1024×768 one (resized)."""
+    img2img = {"mode": "img2img", "prompt": "a watercolor fox", "strength": 0.5, "seed": 3}
     return {
         "/sdapi/v1/txt2img": ("/sdapi/v1/txt2img",
                               {"prompt": "a lighthouse at dusk", "steps": 4, "cfg_scale": 1, "seed": 2}),
-        "/generate img2img 1024x768": ("/generate", {"mode": "img2img", "prompt": "a watercolor fox",
-                                                     "init_image": init_b64, "strength": 0.5, "seed": 3}),
+        "/generate img2img 512x512": ("/generate", {**img2img, "init_image": init_image_b64(512, 512)}),
+        "/generate img2img 1024x768": ("/generate", {**img2img, "init_image": init_image_b64(1024, 768)}),
     }
 
 
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
                     wait_ready(client, proc)
-                    for name, (path, body) in cases(init_image_b64()).items():
+                    for name, (path, body) in cases().items():
                         for _ in range(args.warmup):
                             client.post(path, json=body).raise_for_status()
                         before = cpu_seconds(proc.pid)

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     output_dir: Path = Field(Path("./txt2img_server_output"), description="Where saved images go")
     save_outputs: bool = Field(False, description="Save every /generate image to OUTPUT_DIR (upstream did)")
     state_dir: Path = Field(Path("./state"), description="Persistent options (options.json)")
+    lean_memory: bool = Field(
+        True, description="Flat RSS: glibc returns image-sized buffers at once (costs CPU per image)"
+    )
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG responses (1: fast)")
 
     # --- capability policy ---

@@ -195,7 +195,8 @@ class Engine:
 
         if self._started or self.devices:
             return
-        tune_malloc()
+        if self.settings.lean_memory:
+            tune_malloc()
         indexes = self.settings.devices
         backend = self.models.backend if self.models is not None else configured_model_files(self.settings)[1]
         count = device_count(backend)
