@@ -158,8 +158,9 @@ def choose_backend(explicit: dict[str, Path | None], stems: dict[str, Path]) -> 
 # --- loading --------------------------------------------------------------------------------------
 
 
-def open_session(path: Path, backend: str, device_id: int = 0) -> Session:
-    """One Session on the given backend (ModelLoadError when the file is missing or unloadable)."""
+def open_session(path: Path, backend: str, device_id: int = 0, lean_memory: bool = False) -> Session:
+    """One Session on the given backend (ModelLoadError when the file is missing or unloadable);
+    `lean_memory`: onnxruntime without its memory arena."""
     path = Path(path)
     if not path.is_file():
         raise missing_file_error(path)
@@ -170,7 +171,7 @@ def open_session(path: Path, backend: str, device_id: int = 0) -> Session:
     if backend == "onnxruntime":
         from .onnx_backend import OnnxSession
 
-        return OnnxSession(path)
+        return OnnxSession(path, memory_arena=not lean_memory)
     raise ModelLoadError(f"unknown backend {backend!r}", path)
 
 
@@ -180,6 +181,7 @@ def load_models(
     device_id: int = 0,
     wrap: Wrap | None = None,
     cache_dir: Path | None = None,
+    lean_memory: bool = False,
 ) -> LoadedModels:
     """Load every model, check it against the contract, read the time rows (ModelLoadError on any fault)."""
     check_tokenizer_dir(files.tokenizer_dir)
@@ -190,7 +192,7 @@ def load_models(
             raise missing_file_error(path)
 
     def load(role: str, path: Path) -> Session:
-        session = open_session(path, backend, device_id)
+        session = open_session(path, backend, device_id, lean_memory)
         return wrap(role, session) if wrap is not None else session
 
     text_encoder = load("text_encoder", files.text_encoder)

@@ -77,7 +77,8 @@ def load_configured_models(settings: Settings, wrap: Wrap | None = None,
 
     files, backend = configured_model_files(settings)
     device = settings.devices[0] if device_id is None else device_id
-    return load_models(files, backend, device_id=device, wrap=wrap, cache_dir=settings.cache_dir)
+    return load_models(files, backend, device_id=device, wrap=wrap, cache_dir=settings.cache_dir,
+                       lean_memory=settings.lean_memory)
 
 
 def device_count(backend: str) -> int | None:
