@@ -336,3 +336,26 @@ def test_jobs_after_a_failed_model_load_say_so(demo_models, settings_factory):
     with pytest.raises(DeviceLostError, match="failed to load") as raised:
         asyncio.run(engine.generate(lambda: request()))
     assert raised.value.retry_after is None
+
+
+def test_parts_of_the_head_job_are_taken_in_order_before_the_next_job():
+    from pi_axera_sd_service.service.queue import Job, JobQueue
+
+    loop = asyncio.new_event_loop()
+    try:
+        queue = JobQueue(max_queue=4)
+        first = Job("generate", None, "task(a)", loop, loop.create_future(), parts=3)
+        second = Job("generate", None, "task(b)", loop, loop.create_future(), parts=2)
+        assert queue.put(first) == 0 and queue.put(second) == 1
+        a0, a1 = queue.take(0), queue.take(0)
+        assert (a0.job, a0.index, a1.index) == (first, 0, 1)
+        assert queue.depth == 1 and queue.waiting_task_ids() == ["task(b)"] and queue.position("task(b)") == 0
+        assert not queue.remove(first)            # started: not removable
+        a2 = queue.take(0)
+        assert a2.index == 2 and queue.take(0).job is second
+        assert not queue.done(a0) and not queue.done(a2) and queue.done(a1)   # the last one back
+        assert queue.running == 1                 # the second job
+        queue.abandon(second)                     # its part 1 is dropped
+        assert queue.take(0) is None and queue.depth == 0
+    finally:
+        loop.close()

@@ -14,6 +14,7 @@ from ..deps import EngineDep, ReadyEngineDep
 from ..protocol import HealthBody, HTTPErrorBody, error_responses
 
 router = APIRouter(responses=error_responses(401))   # api_auth (/health, /internal/ping: auth_health)
+HEALTHY = ("ok", "degraded")   # degraded: some device lost or not loaded, one at least serving
 
 
 class TaskProgressRequest(BaseModel):
@@ -45,7 +46,7 @@ async def pending_tasks(engine: EngineDep) -> dict[str, Any]:
                                    503: {"model": HealthBody, "description": "Not ready: `status` says why"}})
 async def health(engine: EngineDep) -> JSONResponse:
     body = engine.health()
-    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+    return JSONResponse(body, status_code=200 if body["status"] in HEALTHY else 503)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {
