@@ -27,7 +27,7 @@ from .errors import (
     ShuttingDownError,
 )
 from .metrics import ServiceMetrics, note_request
-from .progress import ProgressState
+from .progress import INTERROGATE_JOB, ProgressState
 from .queue import DEVICE_LOST_AFTER_FAILURES, Job, JobQueue, Worker, looks_like_device_loss
 from .runner import GenerationResult, JobRunner
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels, ModelFiles, Wrap
     from ..settings import Settings
     from .capabilities import CapabilityTable
+    from .interrogation import InterrogationService
     from .options import OptionsStore
     from .plan import GenerationPlan
     from .request import GenerationRequest
@@ -46,6 +47,7 @@ SESSION_ROLES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DISCONNECT_POLL_S = 0.25
 NOT_READY_RETRY_S = 5
 GENERATE = "generate"   # the Job kind of a GenerationPlan
+INTERROGATE = INTERROGATE_JOB   # the Job kind of an InterrogationJob
 
 
 def wrap_models(models: LoadedModels, wrap: Wrap) -> LoadedModels:
@@ -91,14 +93,17 @@ class Engine:
         self.device_lost: str | None = None
         self._worker: Worker | None = None
         self._runner: JobRunner | None = None
+        self.interrogation: InterrogationService | None = None
         self.load_error: str | None = None   # set when a background start failed
         self._shutting_down = False
         self._consecutive_failures = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Load models (unless given), build the runner, CapabilityTable, OptionsStore; start the worker."""
+        """Load models (unless given) and the CLIP interrogator, build the runner, CapabilityTable,
+        OptionsStore; start the worker (which builds the tag cache in slices between jobs)."""
         from .capabilities import CapabilityTable
+        from .interrogation import InterrogationService
         from .options import OptionsStore
 
         if self._worker is not None:
@@ -110,7 +115,10 @@ class Engine:
         self.capabilities = CapabilityTable.from_models(self.models, self.settings)
         self.options = OptionsStore(self.settings, self.models)
         self._runner = JobRunner.for_models(self.models, self.progress, self._preview_period)
-        worker = Worker(self.queue, self._run_job)
+        self.interrogation = InterrogationService.load(self.models, self.settings, self._wrap)
+        if not self.interrogation.available:
+            log.info("interrogation off: %s", self.interrogation.status()["reason"])
+        worker = Worker(self.queue, self._run_job, idle=self.interrogation.build_slice)
         worker.start()
         self._worker = worker   # set once running: `started` and shutdown's join see a live thread
         log.info("engine ready: %s on %s (max_queue=%d)", self.models.model_name, self.models.backend,
@@ -195,9 +203,19 @@ class Engine:
     ) -> GenerationResult:
         """Queue one plan and wait for its result; raises the 503s of service/errors.py, StageError
         (500) and ClientDisconnectedError (499)."""
+        job = await self._queue_and_wait(GENERATE, plan, plan.task_id, is_disconnected)
+        result: GenerationResult = job.future.result()
+        self.metrics.generation_seconds.observe(time.monotonic() - job.enqueued_at)
+        note_request(warnings=result.warnings, stage_ms={k: round(v, 1) for k, v in result.stage_ms.items()},
+                     queue_wait_ms=round(result.queue_wait_ms, 1))
+        return result
+
+    async def _queue_and_wait(self, kind: str, payload: Any, task_id: str,
+                              is_disconnected: Callable[[], Awaitable[bool]] | None) -> Job:
+        """Queue one job (the 503s when refused) and wait until it is done; returns the finished job."""
         self._refuse_unless_accepting()
         loop = asyncio.get_running_loop()
-        job = Job(kind=GENERATE, payload=plan, task_id=plan.task_id, loop=loop, future=loop.create_future())
+        job = Job(kind=kind, payload=payload, task_id=task_id, loop=loop, future=loop.create_future())
         try:
             ahead = self.queue.put(job)
         except ServiceUnavailableError as exc:
@@ -205,15 +223,24 @@ class Engine:
             raise
         note_request(task_id=job.task_id, jobs_ahead=ahead)
         try:
-            result: GenerationResult = await self._wait(job, is_disconnected)
+            await self._wait(job, is_disconnected)
         except asyncio.CancelledError:
             if self.queue.remove(job):
                 self.metrics.reject("cancelled")
             raise
-        self.metrics.generation_seconds.observe(time.monotonic() - job.enqueued_at)
-        note_request(warnings=result.warnings, stage_ms={k: round(v, 1) for k, v in result.stage_ms.items()},
-                     queue_wait_ms=round(result.queue_wait_ms, 1))
-        return result
+        return job
+
+    async def interrogate(self, image: Any, categories: Any = None, structured: bool = False,
+                          is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> dict[str, Any]:
+        """/interrogate (or /interrogate/structured): decode and check here, then CLIP on the NPU worker
+        through the same queue as generation; returns the answer body (404/400/501 as RequestError or
+        FeatureUnavailableError)."""
+        self._refuse_unless_accepting()  # before decoding any image
+        assert self.interrogation is not None
+        service = self.interrogation
+        job_payload = await asyncio.to_thread(service.request, image, categories, structured)
+        job = await self._queue_and_wait(INTERROGATE, job_payload, job_payload.task_id, is_disconnected)
+        return job.future.result()
 
     async def generate(
         self,
@@ -270,10 +297,13 @@ class Engine:
         value = self.options.get(key) if self.options is not None else None
         return default if value is None else value
 
-    def _run_job(self, job: Job) -> GenerationResult:
+    def _run_job(self, job: Job) -> GenerationResult | dict[str, Any]:
         """Runs on the worker thread; keeps count of failures for the device-loss check."""
         if self.device_lost:
             raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
+        if job.kind == INTERROGATE:
+            assert self.interrogation is not None
+            return self.interrogation.run(job.payload, self.progress)
         assert self._runner is not None and job.kind == GENERATE, job.kind
         wait_s = (job.started_at or time.monotonic()) - job.enqueued_at
         self.metrics.queue_wait_seconds.observe(wait_s)
@@ -337,8 +367,8 @@ class Engine:
     def capabilities_dict(self) -> dict[str, Any]:
         """GET /capabilities: the capability table as data; NotReadyError while loading."""
         self.require_ready()
-        assert self.capabilities is not None
-        return self.capabilities.to_dict()
+        assert self.capabilities is not None and self.interrogation is not None
+        return {**self.capabilities.to_dict(), "interrogate": self.interrogation.status()}
 
     def metrics_exposition(self) -> bytes:
         """GET /metrics: this engine's Prometheus registry in the text format."""

@@ -174,6 +174,11 @@ class JobQueue:
             self._closed = True
             self._cond.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
     def waiting_task_ids(self) -> list[str]:
         with self._cond:
             return [job.task_id for job in self._waiting]
@@ -199,21 +204,41 @@ class JobQueue:
 
 
 class Worker(threading.Thread):
-    """A thread that takes jobs from the queue and runs them with `run_job` (which owns the NPU sessions)."""
+    """A thread that takes jobs from the queue and runs them with `run_job` (which owns the NPU sessions).
 
-    def __init__(self, queue: JobQueue, run_job: Callable[[Job], Any], name: str = "npu-worker"):
+    `idle`, when given, is background work done in small slices while no job waits: it is called
+    whenever the queue is empty and returns True while more remains, so a job submitted meanwhile
+    waits at most one slice. Once it returns False the worker blocks on the queue as before.
+    """
+
+    def __init__(self, queue: JobQueue, run_job: Callable[[Job], Any], name: str = "npu-worker",
+                 idle: Callable[[], bool] | None = None):
         super().__init__(name=name, daemon=True)
         self.queue = queue
         self.run_job = run_job
+        self.idle = idle
 
     def run(self) -> None:
+        idle_work = self.idle is not None
         while True:
-            job = self.queue.take()
+            job = self.queue.take(timeout=0 if idle_work else None)
             if job is None:
-                return
+                if self.queue.closed:
+                    return
+                idle_work = self._idle_slice()
+                continue
             try:
                 job.resolve(self.run_job(job))
             except Exception as exc:  # noqa: BLE001 - one failed job never stops the worker
                 job.fail(exc)
             finally:
                 self.queue.done(job)
+
+    def _idle_slice(self) -> bool:
+        """One slice of idle work; True while more remains (a failure ends the idle work, logged)."""
+        assert self.idle is not None
+        try:
+            return bool(self.idle())
+        except Exception:  # noqa: BLE001 - background work never stops the worker
+            log.exception("idle work failed; stopped")
+            return False
