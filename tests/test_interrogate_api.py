@@ -286,15 +286,18 @@ def test_the_tag_cache_is_built_once_survives_a_restart_and_follows_the_list(
         assert status["tags"] == len(tags) - 1 and log.calls("clip_text") == len(tags) - 1
 
 
-def test_serving_an_interrogation_imports_neither_torch_nor_transformers(demo_pack: Path, tmp_path: Path) -> None:
+def test_serving_an_interrogation_imports_neither_torch_nor_transformers(
+    demo_pack: Path, tmp_path: Path
+) -> None:
+    names = ("cache_dir", "state_dir", "output_dir")
+    folders = ", ".join(f"{name}={str(tmp_path / name)!r}" for name in names)
     code = (
         "import base64, io, sys\n"
         "from fastapi.testclient import TestClient\n"
         "from PIL import Image\n"
         "from pi_axera_sd_service.api.app import create_app\n"
         "from pi_axera_sd_service.settings import Settings\n"
-        f"settings = Settings(model_dir={str(demo_pack)!r}, backend='onnxruntime', cache_dir={str(tmp_path)!r},"
-        f" state_dir={str(tmp_path / 'state')!r}, output_dir={str(tmp_path / 'out')!r}, api_auth=None)\n"
+        f"settings = Settings(model_dir={str(demo_pack)!r}, backend='onnxruntime', {folders})\n"
         "buffer = io.BytesIO(); Image.new('RGB', (64, 64), (210, 30, 35)).save(buffer, format='PNG')\n"
         "image = base64.b64encode(buffer.getvalue()).decode()\n"
         "with TestClient(create_app(settings)) as client:\n"
