@@ -205,6 +205,17 @@ def test_without_clip_models_both_routes_answer_501_with_the_reason(
     assert client.post("/sdapi/v1/txt2img", json={"prompt": "still generates", "steps": 1}).status_code == 200
 
 
+def test_a_clip_session_fault_is_a_stage_failure_and_the_next_call_works(
+    make_client, settings_factory, wrap_factory
+) -> None:
+    client = make_client(settings_factory(), wrap=wrap_factory(fail_calls={"clip_vision": {1}}))
+    failed = client.post("/sdapi/v1/interrogate", json={"image": png_b64(RED)})
+    assert failed.status_code == 500 and failed.json()["error"] == "StageError"
+    assert "interrogate" in failed.json()["detail"] and "simulated runtime failure" in failed.json()["detail"]
+    assert client.app.state.engine.progress_snapshot()["state"]["job"] == ""  # progress back to idle
+    assert client.post("/sdapi/v1/interrogate", json={"image": png_b64(RED)}).status_code == 200
+
+
 # --- one NPU: the queue and the worker -----------------------------------------------------------
 
 

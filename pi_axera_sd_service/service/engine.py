@@ -303,7 +303,13 @@ class Engine:
             raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
         if job.kind == INTERROGATE:
             assert self.interrogation is not None
-            return self.interrogation.run(job.payload, self.progress)
+            try:
+                answer = self.interrogation.run(job.payload, self.progress)
+            except StageError as exc:
+                self._note_stage_failure(exc)
+                raise
+            self._consecutive_failures = 0
+            return answer
         assert self._runner is not None and job.kind == GENERATE, job.kind
         wait_s = (job.started_at or time.monotonic()) - job.enqueued_at
         self.metrics.queue_wait_seconds.observe(wait_s)

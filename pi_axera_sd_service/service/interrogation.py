@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from ..pipeline.interrogator import CategoriesError, Interrogator, open_interrogator, validate_categories
+from ..pipeline.stages import StageError
 from ..runtime.clip_models import InterrogationOff, resolve_clip_files
 from .errors import FeatureUnavailableError, RequestError
 from .plan import new_task_id
@@ -91,6 +92,8 @@ class InterrogationService:
                 if job.categories is None:
                     return self.interrogator.interrogate(job.image).response()
                 return self.interrogator.structured(job.image, job.categories).response()
+        except Exception as exc:  # noqa: BLE001 - a CLIP session fault: a stage failure (500, device check)
+            raise StageError(INTERROGATE_JOB, str(exc) or type(exc).__name__) from exc
         finally:
             progress.end()
 
