@@ -205,6 +205,16 @@ def test_without_clip_models_both_routes_answer_501_with_the_reason(
     assert client.post("/sdapi/v1/txt2img", json={"prompt": "still generates", "steps": 1}).status_code == 200
 
 
+def test_a_clip_path_for_another_backend_turns_interrogation_off_not_the_service(
+    make_client, settings_factory, tmp_path: Path
+) -> None:
+    client = make_client(settings_factory(clip_text_model=tmp_path / "clip_base_text.axmodel"))
+    status = tag_status(client)
+    assert status["available"] is False and "cannot run on the onnxruntime backend" in status["reason"]
+    resp = client.post("/sdapi/v1/interrogate", json={"image": png_b64(RED)})
+    assert resp.status_code == 501 and "clip_base_text.axmodel" in resp.json()["detail"]
+
+
 def test_a_clip_session_fault_is_a_stage_failure_and_the_next_call_works(
     make_client, settings_factory, wrap_factory
 ) -> None:

@@ -17,6 +17,7 @@ from PIL import Image
 from ..pipeline.interrogator import CategoriesError, Interrogator, open_interrogator, validate_categories
 from ..pipeline.stages import StageError
 from ..runtime.clip_models import InterrogationOff, resolve_clip_files
+from ..runtime.session import ModelLoadError
 from .errors import FeatureUnavailableError, RequestError
 from .plan import new_task_id
 from .progress import INTERROGATE_JOB, ProgressState
@@ -51,8 +52,11 @@ class InterrogationService:
         """The CLIP files next to the generation models' text model (or the settings' paths), loaded."""
         from ..pipeline.tokenizer import ClipTokenizer
 
-        files = resolve_clip_files(models.backend, text_model_dir=models.tokenizer_dir.parent,
-                                   **settings.clip_paths())
+        try:
+            files = resolve_clip_files(models.backend, text_model_dir=models.tokenizer_dir.parent,
+                                       **settings.clip_paths())
+        except ModelLoadError as exc:  # e.g. a .onnx CLIP path on axengine: off, generation goes on
+            return cls(InterrogationOff(str(exc)), settings)
         tokenizer = ClipTokenizer.from_dir(models.tokenizer_dir)
         return cls(open_interrogator(files, models.backend, tokenizer, settings, wrap=wrap), settings)
 
