@@ -283,6 +283,27 @@ def test_a_generation_submitted_while_the_cache_builds_waits_at_most_one_slice(
     assert log.calls("clip_text") == status["tags"]
 
 
+def test_while_the_cache_builds_interrogate_answers_from_the_tags_ready_and_says_so(
+    make_client, settings_factory
+) -> None:
+    second_slice = Gate()
+    log = CallLog({("clip_text", 2): second_slice})
+    client = make_client(settings_factory(interrogate_build_slice=1), wrap=log)
+    engine = client.app.state.engine
+    assert second_slice.reached.wait(WAIT_S)
+    answers: dict[str, Any] = {}
+    thread = _post_in_thread(client, "/sdapi/v1/interrogate", {"image": png_b64(RED)}, answers, "tags")
+    wait_until(lambda: engine.queue.depth == 1, "the interrogation to queue")
+    second_slice.release.set()
+    thread.join(WAIT_S)
+    body = answers["tags"].json()
+    total = tag_status(client)["tags"]
+    assert body["tags_complete"] is False and body["tags_prepared"] == f"2/{total}"  # ran right after slice 2
+    assert body["interrogations"] and body["caption"]
+    assert wait_for_tags(client)["tags_prepared"] == total
+    assert "tags_complete" not in client.post("/sdapi/v1/interrogate", json={"image": png_b64(RED)}).json()
+
+
 def test_the_tag_cache_is_built_once_survives_a_restart_and_follows_the_list(
     settings_factory, demo_models, demo_pack: Path, tmp_path: Path
 ) -> None:
