@@ -224,6 +224,8 @@ def test_a_clip_session_fault_is_a_stage_failure_and_the_next_call_works(
     assert "interrogate" in failed.json()["detail"] and "simulated runtime failure" in failed.json()["detail"]
     assert client.app.state.engine.progress_snapshot()["state"]["job"] == ""  # progress back to idle
     assert client.post("/sdapi/v1/interrogate", json={"image": png_b64(RED)}).status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'sd_jobs_total{outcome="failed"} 1.0' in metrics and 'sd_jobs_total{outcome="ok"} 1.0' in metrics
 
 
 # --- one NPU: the queue and the worker -----------------------------------------------------------

@@ -301,18 +301,20 @@ class Engine:
         """Runs on the worker thread; keeps count of failures for the device-loss check."""
         if self.device_lost:
             raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
+        wait_s = (job.started_at or time.monotonic()) - job.enqueued_at
+        self.metrics.queue_wait_seconds.observe(wait_s)
         if job.kind == INTERROGATE:
             assert self.interrogation is not None
             try:
                 answer = self.interrogation.run(job.payload, self.progress)
             except StageError as exc:
+                self.metrics.jobs.labels(outcome="failed").inc()
                 self._note_stage_failure(exc)
                 raise
             self._consecutive_failures = 0
+            self.metrics.jobs.labels(outcome="ok").inc()
             return answer
         assert self._runner is not None and job.kind == GENERATE, job.kind
-        wait_s = (job.started_at or time.monotonic()) - job.enqueued_at
-        self.metrics.queue_wait_seconds.observe(wait_s)
         try:
             result = self._runner.run(job.payload, queue_wait_ms=wait_s * 1000.0)
         except Exception as exc:
