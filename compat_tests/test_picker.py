@@ -10,7 +10,15 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from compat_tests.helpers import MODEL_SIZE, inject_images, load_payload, make_init_image, png_b64
+from compat_tests.helpers import (
+    MODEL_SIZE,
+    assert_structured_answer,
+    inject_images,
+    interrogation_available,
+    load_payload,
+    make_init_image,
+    png_b64,
+)
 
 pytestmark = pytest.mark.client("picker")
 
@@ -63,3 +71,34 @@ def test_img2img_init_image_is_used(target):
     dark = Image.new("RGB", (160, 120), (10, 10, 10))
     b, _ = _generate_image(target, dict(body, init_image=png_b64(dark), init_images=[png_b64(dark)]))
     assert a.tobytes() != b.tobytes()
+
+
+KNOBS = {  # knob title -> values, the shape of the picker's categories
+    "Colour": ["red", "green", "blue", "yellow"],
+    "Animal": ["cat", "dog"],
+    "Place": ["forest", "ocean", "mountain", "house"],
+}
+
+
+def _interrogate_structured(target, b64):
+    """interrogate_structured(): urllib, raw base64 PNG, the knobs as categories, 30 s timeout."""
+    headers = {"Content-Type": "application/json"}
+    if target.auth:
+        headers["Authorization"] = target.basic_header()
+    body = json.dumps({"image": b64, "categories": KNOBS}).encode()
+    req = urllib.request.Request(target.url("/sdapi/v1/interrogate/structured"), data=body, headers=headers)
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+        return json.loads(resp.read())
+
+
+def test_structured_interrogation_of_a_still_and_of_the_generated_image(target):
+    if not interrogation_available(target):
+        pytest.skip("this deployment has no CLIP models (interrogation off)")
+    still = Image.new("RGB", (160, 120), (210, 30, 35))
+    answer = _interrogate_structured(target, png_b64(still))
+    assert_structured_answer(answer, KNOBS)
+    if target.demo:
+        assert answer["results"]["Colour"]["winner"] == "red"
+    body = inject_images(load_payload("picker_generate_img2img")["body"], still)
+    _, data, _ = _generate_image(target, body)
+    assert_structured_answer(_interrogate_structured(target, data["base64"]), KNOBS)

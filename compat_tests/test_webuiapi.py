@@ -7,8 +7,17 @@ import time
 
 import pytest
 import webuiapi
+from PIL import Image
 
-from compat_tests.helpers import Background, assert_model_image, is_busy, is_idle, poll_while, wait_until
+from compat_tests.helpers import (
+    Background,
+    assert_model_image,
+    interrogation_available,
+    is_busy,
+    is_idle,
+    poll_while,
+    wait_until,
+)
 
 pytestmark = pytest.mark.client("webuiapi")
 
@@ -199,6 +208,16 @@ def test_interrupt(api, target, long_job):
             "interrupt did not stop the remaining images"
     after = api.txt2img(prompt=PROMPT, seed=22, batch_size=2)
     assert len(after.images) == 2, "the interrupt flag stuck to the next generation"
+
+
+def test_interrogate_returns_a_caption(api, target):
+    """webuiapi.interrogate(image, model="clip"): a data URI; `info` is the caption."""
+    if not interrogation_available(target):
+        pytest.skip("this deployment has no CLIP models (interrogation off)")
+    result = api.interrogate(Image.new("RGB", (256, 256), (210, 30, 35)), model="clip")
+    assert isinstance(result.info, str) and result.info
+    if target.demo:
+        assert result.info.split(", ")[0] == "red"
 
 
 def test_list_endpoints(api):

@@ -341,15 +341,6 @@ def test_infotext_field_fills_unset_fields(app_client) -> None:
     assert (info["steps"], info["cfg_scale"]) == (3, 1.5)
 
 
-@pytest.mark.parametrize("path", ["/sdapi/v1/interrogate", "/sdapi/v1/interrogate/structured"])
-def test_interrogate_says_clearly_it_is_not_available(app_client, path: str) -> None:
-    """No CLIP models are loaded: 501 in A1111's shape, never a 404 or a 500 (picker/AIYA read errors)."""
-    resp = app_client.post(path, json={"image": "", "categories": {"mood": ["calm", "wild"]}})
-    assert resp.status_code == 501
-    body = resp.json()
-    assert set(body) == {"error", "detail", "body", "errors"} and "interrogation" in body["detail"]
-
-
 ODD_VALUES = ["Infinity", "NaN", '"abc"', "[]", "{}", "-1", "1e308", "null"]
 ODD_FIELDS = ["steps", "width", "seed", "cfg_scale", "batch_size", "denoising_strength", "subseed_strength",
               "resize_mode", "init_images", "override_settings", "styles", "eta"]

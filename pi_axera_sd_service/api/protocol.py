@@ -310,3 +310,47 @@ def error_responses(*statuses: int, model: type[BaseModel] = A1111ErrorBody) -> 
     """`responses=` for a route: each status with its meaning and error body model."""
     return {status: {"model": UnprocessableBody if status == 422 else model,
                      "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+# ---------------------------------------------------------------------------- interrogate
+class InterrogateRequest(_Lenient):
+    """A1111's `{image, model}` (image: raw base64 or a data URI; model: `clip`, the one served)."""
+
+    image: Any = None
+    model: Any = "clip"
+
+
+class TagScoreItem(BaseModel):
+    tag: str
+    score: float
+
+
+class InterrogateResponse(BaseModel):
+    """A1111's `{caption}` plus the upstream service's scored tags; `tags_complete: false` and
+    `tags_prepared: "ready/total"` only while the tag-list embeddings are still being built."""
+
+    caption: str
+    interrogations: list[TagScoreItem]
+    tags_complete: bool | None = None
+    tags_prepared: str | None = None
+
+
+class StructuredInterrogateRequest(_Lenient):
+    """The upstream service's `{image, categories: {name: [labels]}}`."""
+
+    image: Any = None
+    categories: Any = None
+
+
+class CategoryWinner(BaseModel):
+    winner: str
+    confidence: float
+
+
+class StructuredInterrogateResponse(BaseModel):
+    """Winner and softmax confidence per category, and the general tags of the tag list."""
+
+    results: dict[str, CategoryWinner]
+    general_tags: list[str]
+    tags_complete: bool | None = None
+    tags_prepared: str | None = None

@@ -31,8 +31,9 @@ from .errors import (
     ShuttingDownError,
 )
 from .host_memory import tune_malloc
+from .interrogation import InterrogationService
 from .metrics import ServiceMetrics, note_request
-from .progress import ProgressState
+from .progress import INTERROGATE_JOB, ProgressState
 from .queue import DEVICE_LOST_AFTER_FAILURES, Job, JobQueue, Part, Worker, looks_like_device_loss
 from .runner import GenerationResult, JobRunner, PlanRun
 
@@ -52,6 +53,7 @@ DISCONNECT_POLL_S = 0.25
 NOT_READY_RETRY_S = 5
 READY_POLL_S = 0.05     # how often a request waiting for the model load looks again
 GENERATE = "generate"   # the Job kind of a GenerationPlan
+INTERROGATE = INTERROGATE_JOB   # the Job kind of an InterrogationJob
 
 
 def wrap_models(models: LoadedModels, wrap: Wrap) -> LoadedModels:
@@ -177,6 +179,7 @@ class Engine:
         self._started = False
         self._go = threading.Event()     # workers take jobs once every device has loaded
         self._lock = threading.Lock()
+        self.interrogation: InterrogationService | None = None
         self.load_error: str | None = None   # set when a background start failed
         self.load_ended = threading.Event()  # set once start() has loaded the models or failed to
         self._shutting_down = False
@@ -187,7 +190,9 @@ class Engine:
         unless given), then build the CapabilityTable and OptionsStore and let the workers take jobs.
 
         A device that fails to load is reported by index; with at least one loaded the service starts
-        degraded (unless `require_all_devices`). ModelLoadError when none loads."""
+        degraded (unless `require_all_devices`). ModelLoadError when none loads.
+        The CLIP interrogator loads once (its tag cache is built in slices by the first worker while
+        no job waits)."""
         from .capabilities import CapabilityTable
         from .options import OptionsStore
 
@@ -204,7 +209,8 @@ class Engine:
         for device in self.devices:
             device.worker = Worker(self.queue, partial(self._run_part, device), self._finish,
                                    name=f"npu-worker-{device.index}",
-                                   setup=partial(self._load_device, device), go=self._go)
+                                   setup=partial(self._load_device, device), go=self._go,
+                                   idle=self._build_tags_slice if device is self.devices[0] else None)
             device.worker.start()
         for device in self.devices:
             device.loaded.wait()
@@ -216,6 +222,10 @@ class Engine:
         self.models = first.models
         self.capabilities = CapabilityTable.from_models(self.models, self.settings)
         self.options = OptionsStore(self.settings, self.models)
+        if self.interrogation is None:  # the first device failed to load: CLIP goes with the one serving
+            self.interrogation = InterrogationService.load(self.models, self.settings, self._wrap)
+        if not self.interrogation.available:
+            log.info("interrogation off: %s", self.interrogation.status()["reason"])
         self.queue.times.parallel = len(self.devices) - len(failed)
         for device in self.devices:
             self.metrics.bind_device(device.index, lambda d=device: 1.0 if d.status() == "ok" else 0.0,
@@ -255,6 +265,8 @@ class Engine:
                 models = self.models
             device.models = models
             device.runner = JobRunner.for_models(models, self.progress, self._preview_period)
+            if device is self.devices[0]:  # CLIP sessions live on the first device, made on its thread
+                self.interrogation = InterrogationService.load(models, self.settings, self._wrap)
         except Exception as exc:
             device.load_error = str(exc) if isinstance(exc, ModelLoadError) \
                 else f"{type(exc).__name__}: {exc}"
@@ -352,10 +364,18 @@ class Engine:
     ) -> GenerationResult:
         """Queue one plan and wait for its result; raises the 503s of service/errors.py, StageError
         (500) and ClientDisconnectedError (499)."""
-        self._refuse_unless_accepting()
         loop = asyncio.get_running_loop()
         job = Job(kind=GENERATE, payload=plan, task_id=plan.task_id, loop=loop, future=loop.create_future(),
                   parts=max(1, len(plan.images)), context=PlanRun(plan, self.progress))
+        result: GenerationResult = await self._queue_and_wait(job, is_disconnected)
+        self.metrics.generation_seconds.observe(time.monotonic() - job.enqueued_at)
+        note_request(warnings=result.warnings, stage_ms={k: round(v, 1) for k, v in result.stage_ms.items()},
+                     queue_wait_ms=round(result.queue_wait_ms, 1))
+        return result
+
+    async def _queue_and_wait(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None) -> Any:
+        """Queue one job (the 503s when refused) and wait for its result."""
+        self._refuse_unless_accepting()
         try:
             ahead = self.queue.put(job)
         except ServiceUnavailableError as exc:
@@ -363,15 +383,25 @@ class Engine:
             raise
         note_request(task_id=job.task_id, jobs_ahead=ahead)
         try:
-            result: GenerationResult = await self._wait(job, is_disconnected)
+            return await self._wait(job, is_disconnected)
         except asyncio.CancelledError:
             if self.queue.remove(job):
                 self.metrics.reject("cancelled")
             raise
-        self.metrics.generation_seconds.observe(time.monotonic() - job.enqueued_at)
-        note_request(warnings=result.warnings, stage_ms={k: round(v, 1) for k, v in result.stage_ms.items()},
-                     queue_wait_ms=round(result.queue_wait_ms, 1))
-        return result
+
+    async def interrogate(self, image: Any, categories: Any = None, structured: bool = False,
+                          is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> dict[str, Any]:
+        """/interrogate (or /interrogate/structured): decode and check here, then CLIP on an NPU worker
+        through the same queue as generation; returns the answer body (404/400/501 as RequestError or
+        FeatureUnavailableError)."""
+        self._refuse_unless_accepting()  # before decoding any image
+        assert self.interrogation is not None
+        service = self.interrogation
+        payload = await asyncio.to_thread(service.request, image, categories, structured)
+        loop = asyncio.get_running_loop()
+        job = Job(kind=INTERROGATE, payload=payload, task_id=payload.task_id, loop=loop,
+                  future=loop.create_future())
+        return await self._queue_and_wait(job, is_disconnected)
 
     async def generate(
         self,
@@ -428,21 +458,28 @@ class Engine:
         value = self.options.get(key) if self.options is not None else None
         return default if value is None else value
 
-    def _run_part(self, device: Device, part: Part) -> bool:
-        """On `device`'s worker thread: one image of a plan; counts failures for the device-loss rule."""
+    def _run_part(self, device: Device, part: Part) -> Any:
+        """On `device`'s worker thread: one image of a plan, or one interrogation; counts failures for
+        the device-loss rule."""
         job = part.job
-        assert device.runner is not None and job.kind == GENERATE, job.kind
+        assert device.runner is not None and job.kind in (GENERATE, INTERROGATE), job.kind
         if part.index == 0:
             self.metrics.queue_wait_seconds.observe((job.started_at or time.monotonic()) - job.enqueued_at)
         device.busy = True
         try:
-            ran = device.runner.run_image(job.context, part.index)
+            if job.kind == INTERROGATE:
+                assert self.interrogation is not None   # its lock: one worker at a time in CLIP
+                job.context = self.interrogation.run(job.payload, self.progress)
+                ran = False
+            else:
+                ran = device.runner.run_image(job.context, part.index)
         except Exception as exc:
             device.failures += 1
             self.metrics.device_failures.labels(device=str(device.index)).inc()
             if not job.failed:
                 self.metrics.jobs.labels(outcome="failed").inc()
-            job.context.abort()
+            if job.kind == GENERATE:
+                job.context.abort()
             if isinstance(exc, StageError):
                 self._note_stage_failure(device, exc)
             raise
@@ -454,8 +491,16 @@ class Engine:
             self.metrics.device_images.labels(device=str(device.index)).inc()
         return ran
 
-    def _finish(self, job: Job) -> GenerationResult:
-        """The job's last part came back: its images in order, and the job's metrics."""
+    def _build_tags_slice(self) -> bool:
+        """The first worker's idle work: one slice of the interrogation tag cache; True while more remains."""
+        return self.interrogation is not None and self.interrogation.build_slice()
+
+    def _finish(self, job: Job) -> GenerationResult | dict[str, Any]:
+        """The job's last part came back: its images in order (an interrogation: its answer), and
+        the job's metrics."""
+        if job.kind == INTERROGATE:
+            self.metrics.jobs.labels(outcome="ok").inc()
+            return job.context
         wait_s = (job.started_at or time.monotonic()) - job.enqueued_at
         result: GenerationResult = job.context.result(queue_wait_ms=wait_s * 1000.0)
         self.metrics.images.inc(len(result.images))
@@ -520,8 +565,8 @@ class Engine:
     def capabilities_dict(self) -> dict[str, Any]:
         """GET /capabilities: the capability table as data; NotReadyError while loading."""
         self.require_ready()
-        assert self.capabilities is not None
-        return self.capabilities.to_dict()
+        assert self.capabilities is not None and self.interrogation is not None
+        return {**self.capabilities.to_dict(), "interrogate": self.interrogation.status()}
 
     def metrics_exposition(self) -> bytes:
         """GET /metrics: this engine's Prometheus registry in the text format."""

@@ -21,6 +21,7 @@ from PIL import Image
 
 FINISHED_TASKS_KEPT = 64
 PROGRESS_FLOOR = 0.01   # A1111 starts busy progress at 0.01 so that "busy" never reads as 0
+INTERROGATE_JOB = "interrogate"   # `job` while an interrogation runs (generation: scripts_<mode>)
 
 
 def encode_png_b64(image: Image.Image) -> str:

@@ -218,6 +218,11 @@ class JobQueue:
             self._closed = True
             self._cond.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
     def waiting_task_ids(self) -> list[str]:
         with self._cond:
             return [job.task_id for job in self._not_started()]
@@ -248,17 +253,23 @@ class Worker(threading.Thread):
 
     `setup` runs first on this thread (loading a device's models binds them to it); the worker then
     waits for `go` before taking anything. It stops when the queue is closed and empty, or after the
-    part during which `stop()` was called (a lost device)."""
+    part during which `stop()` was called (a lost device).
+
+    `idle`, when given, is background work done in small slices while no job waits: it is called
+    whenever the queue is empty and returns True while more remains, so a job submitted meanwhile
+    waits at most one slice. Once it returns False the worker blocks on the queue."""
 
     def __init__(self, queue: JobQueue, run_part: Callable[[Part], Any],
                  finish: Callable[[Job], Any] | None = None, name: str = "npu-worker",
-                 setup: Callable[[], None] | None = None, go: threading.Event | None = None):
+                 setup: Callable[[], None] | None = None, go: threading.Event | None = None,
+                 idle: Callable[[], bool] | None = None):
         super().__init__(name=name, daemon=True)
         self.queue = queue
         self.run_part = run_part
         self.finish = finish
         self.setup = setup
         self.go = go
+        self.idle = idle
         self._stop_requested = False
 
     def stop(self) -> None:
@@ -270,11 +281,24 @@ class Worker(threading.Thread):
             return
         if self.go is not None:
             self.go.wait()
+        idle_work = self.idle is not None
         while not self._stop_requested:
-            part = self.queue.take()
+            part = self.queue.take(timeout=0 if idle_work else None)
             if part is None:
-                return
+                if self.queue.closed or not idle_work:
+                    return
+                idle_work = self._idle_slice()
+                continue
             self._run(part)
+
+    def _idle_slice(self) -> bool:
+        """One slice of idle work; True while more remains (a failure ends the idle work, logged)."""
+        assert self.idle is not None
+        try:
+            return bool(self.idle())
+        except Exception:  # noqa: BLE001 - background work never stops the worker
+            log.exception("idle work failed; stopped")
+            return False
 
     def _setup_ok(self) -> bool:
         try:

@@ -14,8 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Body, Request
 
 from ...service.capabilities import SAMPLER_ALIASES, SAMPLER_NAME
-from ...service.errors import FeatureUnavailableError
+from ...service.errors import RequestError
 from ...service.infotext import png_info
+from ...service.interrogation import CLIP_MODEL
 from ...service.request import GenerationRequest, from_sdapi
 from ...service.results import sdapi_parameters
 from ...settings import is_exposed
@@ -24,6 +25,8 @@ from ..protocol import (
     EmbeddingsResponse,
     ImageResponse,
     Img2ImgRequest,
+    InterrogateRequest,
+    InterrogateResponse,
     PNGInfoRequest,
     PNGInfoResponse,
     ProgressResponse,
@@ -31,6 +34,8 @@ from ..protocol import (
     SchedulerItem,
     ScriptsList,
     SDModelItem,
+    StructuredInterrogateRequest,
+    StructuredInterrogateResponse,
     Txt2ImgRequest,
     UpscalerItem,
     error_responses,
@@ -201,19 +206,23 @@ async def png_info_route(payload: PNGInfoRequest) -> Any:
 
 
 # ---------------------------------------------------------------------------- interrogate
-INTERROGATE_UNAVAILABLE = (
-    "Image interrogation is not available: this service runs only the SD1.5-LCM generation models "
-    "(no CLIP/DeepDanbooru models are loaded)"
-)
+@router.post("/interrogate", response_model=InterrogateResponse, response_model_exclude_unset=True,
+             responses=error_responses(400, 404, 413, 500, 501, 503))
+async def interrogate(payload: InterrogateRequest, request: Request, engine: EngineDep) -> Any:
+    """CLIP tags of the image on the NPU worker: A1111's `{caption}` plus `interrogations`.
+
+    A1111's 404s for a missing image and a model other than `clip` (deepdanbooru is not served);
+    501 when no CLIP models are loaded; 400 for an undecodable image."""
+    if payload.image is not None and payload.image != "" and payload.model != CLIP_MODEL:
+        raise RequestError("model", "Model not found", status_code=404)
+    return await engine.interrogate(payload.image, is_disconnected=request.is_disconnected)
 
 
-@router.post("/interrogate", responses=error_responses(501))
-async def interrogate() -> Any:
-    """501 in A1111's error shape, as the upstream service answered without its CLIP models."""
-    raise FeatureUnavailableError(INTERROGATE_UNAVAILABLE)
-
-
-@router.post("/interrogate/structured", responses=error_responses(501))
-async def interrogate_structured() -> Any:
-    """The upstream service's structured variant: also 501 (the picker falls back on any error)."""
-    raise FeatureUnavailableError(INTERROGATE_UNAVAILABLE)
+@router.post("/interrogate/structured", response_model=StructuredInterrogateResponse,
+             response_model_exclude_unset=True, responses=error_responses(400, 404, 413, 500, 501, 503))
+async def interrogate_structured(payload: StructuredInterrogateRequest, request: Request,
+                                 engine: EngineDep) -> Any:
+    """The upstream service's category route: winner and confidence per category, general tags;
+    400 naming the limit when the categories exceed one."""
+    return await engine.interrogate(payload.image, payload.categories, structured=True,
+                                    is_disconnected=request.is_disconnected)
