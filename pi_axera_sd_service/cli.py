@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt")
     gen.add_argument("--negative-prompt", default="", help="negative prompt (used when --cfg-scale > 1)")
     gen.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default)")
-    gen.add_argument("--steps", type=int, help="LCM steps (img2img: the schedule length); default and "
-                     "maximum: the time rows the models have; more are clamped with a warning")
+    gen.add_argument("--steps", type=int, help="LCM steps (img2img: the schedule length): 1..MAX_STEPS "
+                     "(default 8) with a time table, else 1..4; default 4; more are clamped with a warning")
     gen.add_argument("--cfg-scale", type=float, help="<= 1: one UNet pass per step (default 1); above "
                      "MAX_CFG_SCALE it is clamped with a warning, as the service")
     gen.add_argument("--init-image", type=Path, help="init image file: img2img instead of txt2img")

@@ -93,7 +93,7 @@ def test_txt2img_echoes_seed_as_sent_and_reports_what_ran(app_client) -> None:
     ).json()
     info = json.loads(body["info"])
     assert body["parameters"]["seed"] == -1 and 0 <= info["seed"] < 2**32
-    assert (info["steps"], info["cfg_scale"], info["width"]) == (4, 2.0, 512)
+    assert (info["steps"], info["cfg_scale"], info["width"]) == (8, 2.0, 512)   # MAX_STEPS: a time table
     assert len(info["warnings"]) == 4
     assert body["parameters"]["steps"] == 20
 

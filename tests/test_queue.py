@@ -43,7 +43,7 @@ def engines(demo_models) -> Iterator[Callable[..., Engine]]:
 
 
 TABLE = CapabilityTable.from_models(
-    SimpleNamespace(image_size=(512, 512), timesteps=(999, 759, 499, 259), vae_encoder=None), Settings()
+    SimpleNamespace(image_size=(512, 512), time=SimpleNamespace(full=False), vae_encoder=None), Settings()
 )
 
 
