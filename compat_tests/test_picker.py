@@ -100,5 +100,5 @@ def test_structured_interrogation_of_a_still_and_of_the_generated_image(target):
     if target.demo:
         assert answer["results"]["Colour"]["winner"] == "red"
     body = inject_images(load_payload("picker_generate_img2img")["body"], still)
-    _, data, _ = _generate_image(target, body)
+    _, data = _generate_image(target, body)
     assert_structured_answer(_interrogate_structured(target, data["base64"]), KNOBS)
