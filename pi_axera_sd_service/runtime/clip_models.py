@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import check_tokenizer_dir, missing_file_error, read_npy
-from .model_dir import DEFAULT_MODEL_DIR, SUFFIX, CheckLine, Wrap, file_sha256, open_session
+from .model_dir import DEFAULT_MODEL_DIR, SUFFIX, CheckLine, Wrap, file_sha256, open_model, open_session
 from .session import ModelLoadError, Session, TensorSpec, format_shape_dtype, format_specs
 
 VISION_FILE = "clip_base_vision"
@@ -197,8 +197,7 @@ def load_clip_models(
     tags = read_tags(files.tags)
 
     def load(role: str, path: Path) -> Session:
-        session = open_session(path, backend, device_id)
-        return wrap(role, session) if wrap is not None else session
+        return open_model(role, path, backend, device_id, wrap=wrap)
 
     vision = load("clip_vision", files.vision)
     vision_pooled = check_clip_vision(vision)

@@ -263,11 +263,13 @@ def open_session(path: Path, backend: str, device_id: int = 0, lean_memory: bool
     raise ModelLoadError(f"unknown backend {backend!r}", path)
 
 
-def open_model(role: str, path: Path, backend: str, device_id: int = 0, lean_memory: bool = False) -> Session:
-    """open_session for one role of the model set: a text encoder axengine cannot read is refused
-    with the contract's words (pyaxengine only says "Unsupported data type")."""
+def open_model(role: str, path: Path, backend: str, device_id: int = 0, lean_memory: bool = False,
+               wrap: Wrap | None = None) -> Session:
+    """open_session for one role (`text_encoder`, `clip_vision`, ...), given to `wrap(role, session)`
+    when there is a wrap: a text encoder axengine cannot read is refused with the contract's words
+    (pyaxengine only says "Unsupported data type")."""
     try:
-        return open_session(path, backend, device_id, lean_memory)
+        session = open_session(path, backend, device_id, lean_memory)
     except ModelLoadError as exc:
         from .axengine_backend import UnsupportedTensorTypeError
 
@@ -276,6 +278,7 @@ def open_model(role: str, path: Path, backend: str, device_id: int = 0, lean_mem
                 f"{path}: {AXMODEL_INPUT_IDS_RULE}; axengine cannot load this one: {exc.reason}", exc.path
             ) from None
         raise
+    return wrap(role, session) if wrap is not None else session
 
 
 def check_device(backend: str, device_id: int) -> str | None:
@@ -310,8 +313,7 @@ def load_models(
     check_device(backend, device_id)
 
     def load(role: str, path: Path) -> Session:
-        session = open_model(role, path, backend, device_id, lean_memory)
-        return wrap(role, session) if wrap is not None else session
+        return open_model(role, path, backend, device_id, lean_memory, wrap)
 
     text_encoder = load("text_encoder", files.text_encoder)
     check_text_encoder(text_encoder)
