@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-from bench_memory import free_port, init_image_b64, wait_ready
+from bench_memory import demo_server, init_image_b64
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -51,32 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=40, help="measured requests per kind (default 40)")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured requests per kind first (default 5)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench_host_") as tmp:
-        port = free_port()
-        cmd = [sys.executable, "-m", "pi_axera_sd_service", "serve", "--demo", "--port", str(port),
-               "--cache-dir", f"{tmp}/cache", "--state-dir", f"{tmp}/state", "--output-dir", f"{tmp}/out",
-               "--log-level", "WARNING"]
-        with open(f"{tmp}/server.log", "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                    wait_ready(client, proc)
-                    for name, (path, body) in cases().items():
-                        for _ in range(args.warmup):
-                            client.post(path, json=body).raise_for_status()
-                        before = cpu_seconds(proc.pid)
-                        for _ in range(args.requests):
-                            client.post(path, json=body).raise_for_status()
-                        per_image = (cpu_seconds(proc.pid) - before) * 1000 / args.requests
-                        print(f"{name:<28} server CPU {per_image:6.1f} ms per image "
-                              f"({args.requests} requests)")
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    with tempfile.TemporaryDirectory(prefix="bench_host_") as tmp, \
+            demo_server(tmp, "--log-level", "WARNING") as (proc, client, _):
+        for name, (path, body) in cases().items():
+            for _ in range(args.warmup):
+                client.post(path, json=body).raise_for_status()
+            before = cpu_seconds(proc.pid)
+            for _ in range(args.requests):
+                client.post(path, json=body).raise_for_status()
+            per_image = (cpu_seconds(proc.pid) - before) * 1000 / args.requests
+            print(f"{name:<28} server CPU {per_image:6.1f} ms per image ({args.requests} requests)")
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import signal
 import socket
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -171,6 +173,30 @@ def wait_ready(client: httpx.Client, proc: subprocess.Popen, timeout_s: float = 
     raise SystemExit(f"server not ready after {timeout_s:.0f} s")
 
 
+@contextlib.contextmanager
+def demo_server(tmp: str, *extra_args: str) -> Iterator[tuple[subprocess.Popen, httpx.Client, float]]:
+    """`serve --demo` as a subprocess on a free 127.0.0.1 port with its folders and log in `tmp`:
+    (process, a client on it, seconds until /health answered); SIGTERM (then kill) on exit."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "pi_axera_sd_service", "serve", "--demo", "--port", str(port),
+        "--cache-dir", f"{tmp}/cache", "--state-dir", f"{tmp}/state", "--output-dir", f"{tmp}/out",
+        *extra_args,
+    ]  # fmt: skip
+    with open(f"{tmp}/server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+                yield proc, client, wait_ready(client, proc)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200, help="number of requests (default 200)")
@@ -180,52 +206,35 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/status").exists():
         raise SystemExit("needs Linux /proc")
 
-    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
-        port = free_port()
-        cmd = [
-            sys.executable, "-m", "pi_axera_sd_service", "serve", "--demo", "--port", str(port),
-            "--cache-dir", f"{tmp}/cache", "--state-dir", f"{tmp}/state", "--output-dir", f"{tmp}/out",
-        ]  # fmt: skip
-        with open(f"{tmp}/server.log", "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                    ready_s = wait_ready(client, proc)
-                    if args.worst:
-                        return run_worst(client, proc.pid, args.requests)
-                    start = memory_kib(proc.pid)
-                    print(
-                        f"server pid {proc.pid} on port {port}, ready after {ready_s:.1f} s (demo pack, CPU)"
-                    )
-                    print(f"after start:        RSS {mib(start['VmRSS'])}   peak {mib(start['VmHWM'])}")
-                    cycle = requests_cycle(init_image_b64())
-                    failures: dict[str, int] = {}
-                    rows: list[tuple[int, int]] = [(0, start["VmRSS"])]
-                    t0 = time.perf_counter()
-                    for i in range(args.requests):
-                        name, path, body = cycle[i % len(cycle)]
-                        resp = client.post(path, json=body)
-                        if resp.status_code != 200:
-                            key = f"{name}: HTTP {resp.status_code}"
-                            failures[key] = failures.get(key, 0) + 1
-                        done = i + 1
-                        if done % args.every == 0 or done == args.requests:
-                            now = memory_kib(proc.pid)
-                            rows.append((done, now["VmRSS"]))
-                            print(
-                                f"after {done:4d} requests: RSS {mib(now['VmRSS'])}   "
-                                f"growth since start {(now['VmRSS'] - start['VmRSS']) / 1024:+7.1f} MiB   "
-                                f"peak {mib(now['VmHWM'])}"
-                            )
-                    elapsed = time.perf_counter() - t0
-                    end = memory_kib(proc.pid)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp, \
+            demo_server(tmp) as (proc, client, ready_s):
+        if args.worst:
+            return run_worst(client, proc.pid, args.requests)
+        start = memory_kib(proc.pid)
+        print(f"server pid {proc.pid} on port {client.base_url.port}, ready after {ready_s:.1f} s "
+              "(demo pack, CPU)")
+        print(f"after start:        RSS {mib(start['VmRSS'])}   peak {mib(start['VmHWM'])}")
+        cycle = requests_cycle(init_image_b64())
+        failures: dict[str, int] = {}
+        rows: list[tuple[int, int]] = [(0, start["VmRSS"])]
+        t0 = time.perf_counter()
+        for i in range(args.requests):
+            name, path, body = cycle[i % len(cycle)]
+            resp = client.post(path, json=body)
+            if resp.status_code != 200:
+                key = f"{name}: HTTP {resp.status_code}"
+                failures[key] = failures.get(key, 0) + 1
+            done = i + 1
+            if done % args.every == 0 or done == args.requests:
+                now = memory_kib(proc.pid)
+                rows.append((done, now["VmRSS"]))
+                print(
+                    f"after {done:4d} requests: RSS {mib(now['VmRSS'])}   "
+                    f"growth since start {(now['VmRSS'] - start['VmRSS']) / 1024:+7.1f} MiB   "
+                    f"peak {mib(now['VmHWM'])}"
+                )
+        elapsed = time.perf_counter() - t0
+        end = memory_kib(proc.pid)
 
     images = sum(2 if "batch 2" in cycle[i % 3][0] else 1 for i in range(args.requests))
     print()

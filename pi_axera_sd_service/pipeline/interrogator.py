@@ -13,7 +13,8 @@ from typing import Any
 
 from PIL import Image
 
-from ..runtime.clip_models import ClipFiles, ClipModels, InterrogationOff, Wrap, try_load_clip_models
+from ..runtime.clip_models import ClipFiles, ClipModels, InterrogationOff, try_load_clip_models
+from ..runtime.model_dir import Wrap
 from .clip import (
     TEMPLATE,
     ClipEncoder,

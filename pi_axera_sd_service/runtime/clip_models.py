@@ -11,14 +11,13 @@ the one of rank 2 (the other output is the last hidden state).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .contract import check_tokenizer_dir, missing_file_error
-from .model_dir import DEFAULT_MODEL_DIR, SUFFIX, CheckLine, file_sha256, open_session
+from .contract import check_tokenizer_dir, missing_file_error, read_npy
+from .model_dir import DEFAULT_MODEL_DIR, SUFFIX, CheckLine, Wrap, file_sha256, open_model, open_session
 from .session import ModelLoadError, Session, TensorSpec, format_shape_dtype, format_specs
 
 VISION_FILE = "clip_base_vision"
@@ -32,9 +31,6 @@ CONTEXT_LEN = 77
 PIXEL_SHAPE = (1, 3, IMAGE_SIZE, IMAGE_SIZE)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP image processor's normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-Wrap = Callable[[str, Session], Session]
-
 
 @dataclass(frozen=True)
 class ClipFiles:
@@ -147,12 +143,7 @@ def check_clip_text(session: Session) -> int:
 def load_projection(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A float [in,out] matrix from a .npy file, as float32 (ModelLoadError naming the file otherwise)."""
     path = Path(path)
-    if not path.is_file():
-        raise missing_file_error(path, "projection file")
-    try:
-        matrix = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a readable .npy file: {exc}", path) from exc
+    matrix = read_npy(path, "projection file")
     if matrix.shape != shape or not np.issubdtype(matrix.dtype, np.floating):
         raise ModelLoadError(
             f"{path}: projection: expected {format_shape_dtype(shape, np.float32)}, "
@@ -206,8 +197,7 @@ def load_clip_models(
     tags = read_tags(files.tags)
 
     def load(role: str, path: Path) -> Session:
-        session = open_session(path, backend, device_id)
-        return wrap(role, session) if wrap is not None else session
+        return open_model(role, path, backend, device_id, wrap=wrap)
 
     vision = load("clip_vision", files.vision)
     vision_pooled = check_clip_vision(vision)

@@ -135,15 +135,22 @@ def _check_one_float_input(
     _first_output(session, output_shape, label)
 
 
+def read_npy(path: Path, what: str) -> np.ndarray:
+    """The array in a .npy file; ModelLoadError naming the file (`what` it is) when it is missing or
+    unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise missing_file_error(path, what)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable .npy file: {exc}", path) from exc
+
+
 def load_time_inputs(path: Path) -> np.ndarray:
     """float32 [4,1280]: the first four rows of a [N>=4,1280] .npy (rows for 999, 759, 499, 259)."""
     path = Path(path)
-    if not path.is_file():
-        raise missing_file_error(path, "time input file")
-    try:
-        rows = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a readable .npy file: {exc}", path) from exc
+    rows = read_npy(path, "time input file")
     if rows.ndim != 2 or rows.shape[0] < len(TIMESTEPS) or rows.shape[1] != TIME_DIM:
         raise ModelLoadError(
             f"{path}: time rows: expected float32[N>=4,{TIME_DIM}], "
@@ -158,12 +165,7 @@ def load_time_inputs(path: Path) -> np.ndarray:
 def load_time_table(path: Path) -> np.ndarray:
     """float32 [1000,1280], finite: the UNet's time input for every timestep 0..999."""
     path = Path(path)
-    if not path.is_file():
-        raise missing_file_error(path, "time table")
-    try:
-        table = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a readable .npy file: {exc}", path) from exc
+    table = read_npy(path, "time table")
     if table.shape != TIME_TABLE_SHAPE or table.dtype != np.float32:
         raise ModelLoadError(
             f"{path}: time table: expected {format_shape_dtype(TIME_TABLE_SHAPE, np.float32)}, "

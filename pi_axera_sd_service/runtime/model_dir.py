@@ -143,8 +143,9 @@ def resolve_model_files(
     if backend not in BACKENDS:
         raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     base, text_base = _bases(model_dir, text_model_dir)
-    explicit, stems = _model_paths(base, text_base, text_encoder_model, unet_model, vae_decoder_model,
-                                   vae_encoder_model)
+    explicit = {"text_encoder": text_encoder_model, "unet": unet_model, "vae_decoder": vae_decoder_model,
+                "vae_encoder": vae_encoder_model}
+    stems = _stems(base, text_base)
     if backend == "auto":
         backend = choose_backend(explicit, stems)[0]
     suffix = SUFFIX[backend]
@@ -184,28 +185,14 @@ def _bases(model_dir: Path | None, text_model_dir: Path | None) -> tuple[Path, P
     return base, Path(text_model_dir) if text_model_dir is not None else base
 
 
-def _model_paths(
-    base: Path,
-    text_base: Path,
-    text_encoder_model: Path | None,
-    unet_model: Path | None,
-    vae_decoder_model: Path | None,
-    vae_encoder_model: Path | None,
-) -> tuple[dict[str, Path | None], dict[str, Path]]:
-    """(explicit file per role or None, the default path per role without its suffix)."""
-    explicit = {
-        "text_encoder": text_encoder_model,
-        "unet": unet_model,
-        "vae_decoder": vae_decoder_model,
-        "vae_encoder": vae_encoder_model,
-    }
-    stems = {
+def _stems(base: Path, text_base: Path) -> dict[str, Path]:
+    """The default path of each model role, without its suffix."""
+    return {
         "text_encoder": text_base / TEXT_ENCODER_FILE,
         "unet": base / "unet",
         "vae_decoder": base / "vae_decoder",
         "vae_encoder": base / "vae_encoder",
     }
-    return explicit, stems
 
 
 def choose_backend(explicit: dict[str, Path | None], stems: dict[str, Path]) -> tuple[str, str]:
@@ -239,22 +226,11 @@ def choose_backend(explicit: dict[str, Path | None], stems: dict[str, Path]) -> 
     return "onnxruntime", f"no model files yet and axengine cannot be imported ({reason})"
 
 
-def auto_backend(
-    model_dir: Path | None = None,
-    text_model_dir: Path | None = None,
-    text_encoder_model: Path | None = None,
-    unet_model: Path | None = None,
-    vae_decoder_model: Path | None = None,
-    vae_encoder_model: Path | None = None,
-    time_input_txt2img: Path | None = None,
-    time_input_table: Path | None = None,
-) -> tuple[str, str]:
-    """(backend, why) that BACKEND=auto picks for these settings (the same keywords as
-    resolve_model_files; the time inputs do not take part)."""
-    del time_input_txt2img, time_input_table
-    explicit_and_stems = _model_paths(*_bases(model_dir, text_model_dir), text_encoder_model, unet_model,
-                                      vae_decoder_model, vae_encoder_model)
-    return choose_backend(*explicit_and_stems)
+def auto_backend(**model_paths: Path | None) -> tuple[str, str]:
+    """(backend, why) that BACKEND=auto picks for `resolve_model_files`' path keywords (the time
+    inputs do not take part; a role's file setting is `<role>_model`)."""
+    stems = _stems(*_bases(model_paths.get("model_dir"), model_paths.get("text_model_dir")))
+    return choose_backend({role: model_paths.get(f"{role}_model") for role in stems}, stems)
 
 
 def count_devices(backend: str) -> int | None:
@@ -287,11 +263,13 @@ def open_session(path: Path, backend: str, device_id: int = 0, lean_memory: bool
     raise ModelLoadError(f"unknown backend {backend!r}", path)
 
 
-def open_model(role: str, path: Path, backend: str, device_id: int = 0, lean_memory: bool = False) -> Session:
-    """open_session for one role of the model set: a text encoder axengine cannot read is refused
-    with the contract's words (pyaxengine only says "Unsupported data type")."""
+def open_model(role: str, path: Path, backend: str, device_id: int = 0, lean_memory: bool = False,
+               wrap: Wrap | None = None) -> Session:
+    """open_session for one role (`text_encoder`, `clip_vision`, ...), given to `wrap(role, session)`
+    when there is a wrap: a text encoder axengine cannot read is refused with the contract's words
+    (pyaxengine only says "Unsupported data type")."""
     try:
-        return open_session(path, backend, device_id, lean_memory)
+        session = open_session(path, backend, device_id, lean_memory)
     except ModelLoadError as exc:
         from .axengine_backend import UnsupportedTensorTypeError
 
@@ -300,6 +278,7 @@ def open_model(role: str, path: Path, backend: str, device_id: int = 0, lean_mem
                 f"{path}: {AXMODEL_INPUT_IDS_RULE}; axengine cannot load this one: {exc.reason}", exc.path
             ) from None
         raise
+    return wrap(role, session) if wrap is not None else session
 
 
 def check_device(backend: str, device_id: int) -> str | None:
@@ -334,8 +313,7 @@ def load_models(
     check_device(backend, device_id)
 
     def load(role: str, path: Path) -> Session:
-        session = open_model(role, path, backend, device_id, lean_memory)
-        return wrap(role, session) if wrap is not None else session
+        return open_model(role, path, backend, device_id, lean_memory, wrap)
 
     text_encoder = load("text_encoder", files.text_encoder)
     check_text_encoder(text_encoder)
