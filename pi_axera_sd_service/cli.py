@@ -173,8 +173,9 @@ def cmd_check_models(args: argparse.Namespace) -> int:
     """The backend and why, then each model file against the I/O contract: one block per item
     ([OK] or [FAIL], its inputs and outputs), then `all models OK` or `N problem(s) found`;
     exit 1 when anything is wrong. The CLIP interrogation files follow (or why interrogation is off)."""
+    from pi_axera_sd_service.runtime.checks import check_models
     from pi_axera_sd_service.runtime.clip_models import resolve_clip_files
-    from pi_axera_sd_service.runtime.model_dir import auto_backend, check_models, format_check_lines
+    from pi_axera_sd_service.runtime.model_dir import auto_backend, format_check_lines
     from pi_axera_sd_service.service.engine import check_device_indexes, describe_devices, device_count
 
     settings = settings_from_args(args)

@@ -23,9 +23,9 @@ from PIL import Image
 
 from pi_axera_sd_service.exit_codes import EXIT_CONFIG
 from pi_axera_sd_service.runtime import axengine_backend
+from pi_axera_sd_service.runtime.checks import check_models
 from pi_axera_sd_service.runtime.contract import AXMODEL_INPUT_IDS_RULE
 from pi_axera_sd_service.runtime.model_dir import (
-    check_models,
     count_devices,
     format_check_lines,
     load_models,

@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from pi_axera_sd_service.runtime.checks import check_models
 from pi_axera_sd_service.runtime.demo_pack import make_demo_pack
 from pi_axera_sd_service.runtime.model_dir import (
-    check_models,
     file_sha256,
     format_check_lines,
     load_models,

@@ -1,11 +1,11 @@
 """Runtime layer: model sessions (onnxruntime on the CPU, axengine on the NPU), model files, demo pack."""
 
+from .checks import check_models
 from .contract import UNetInputNames
 from .model_dir import (
     CheckLine,
     LoadedModels,
     ModelFiles,
-    check_models,
     count_devices,
     format_check_lines,
     load_models,

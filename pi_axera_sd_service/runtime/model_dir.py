@@ -17,7 +17,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,36 +37,6 @@ from .contract import (
     missing_file_error,
 )
 from .session import ModelLoadError, Session, format_shape_dtype, format_specs
-
-if TYPE_CHECKING:
-    from .clip_models import ClipFiles
-
-__all__ = [  # UNetInputNames and the checks are re-exported for older imports
-    "BACKENDS",
-    "CheckLine",
-    "LoadedModels",
-    "ModelFiles",
-    "TimeInputs",
-    "UNetInputNames",
-    "auto_backend",
-    "check_device",
-    "check_models",
-    "check_text_encoder",
-    "check_tokenizer_dir",
-    "check_unet",
-    "check_vae_decoder",
-    "check_vae_encoder",
-    "count_devices",
-    "file_sha256",
-    "format_check_lines",
-    "load_models",
-    "load_time_inputs",
-    "load_time",
-    "load_time_table",
-    "open_model",
-    "open_session",
-    "resolve_model_files",
-]
 
 TEXT_ENCODER_FILE = "text_encoder/sd15_text_encoder_sim"
 SUFFIX = {"axengine": ".axmodel", "onnxruntime": ".onnx"}
@@ -429,14 +398,11 @@ class CheckLine:
         return self.status == "OK" or self.status.startswith("not configured")
 
 
-def check_models(
-    files: ModelFiles, backend: str, device_id: int = 0, clip_files: ClipFiles | None = None
-) -> list[CheckLine]:
-    """Check every file independently (one failure does not hide the others).
+def check_generation_models(files: ModelFiles, backend: str, device_id: int = 0) -> list[CheckLine]:
+    """Check every generation file independently (one failure does not hide the others).
 
     On axengine the device is checked first (a `device` line); a runtime that cannot start or a
-    device index out of range raises ModelLoadError instead, as no model could load. The CLIP
-    interrogation files follow (`clip_files`; default: their names next to `tokenizer/`).
+    device index out of range raises ModelLoadError instead, as no model could load.
     """
     lines: list[CheckLine] = []
     device = check_device(backend, device_id)
@@ -489,11 +455,7 @@ def check_models(
         inputs = format_specs(session.inputs) if session is not None else "-"
         outputs = format_specs(session.outputs) if session is not None else "-"
         line(role, path, inputs, outputs, status)
-    from .clip_models import clip_check_lines, resolve_clip_files  # it builds on this module
-
-    if clip_files is None:
-        clip_files = resolve_clip_files(backend, text_model_dir=files.tokenizer_dir.parent)
-    return lines + clip_check_lines(clip_files, backend, device_id)
+    return lines
 
 
 def format_check_lines(lines: list[CheckLine]) -> str:
