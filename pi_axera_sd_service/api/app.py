@@ -22,7 +22,7 @@ from ..service.engine import ClientDisconnectedError, Engine, ServiceUnavailable
 from ..settings import Settings
 from .errors import a1111_body, generate_error_for, sdapi_error_for
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware, Scope
-from .routers import generate, internal, sdapi
+from .routers import generate, internal, openai, sdapi
 
 
 def _route_label_for(app: FastAPI, routers: list[APIRouter]):
@@ -124,14 +124,14 @@ def create_app(
     app = FastAPI(title="pi_axera_sd_service", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
-    routers = [generate.router, sdapi.router, internal.router]
+    routers = [generate.router, sdapi.router, internal.router, openai.router]
     for router in routers:
         app.include_router(router)
     _install_error_handlers(app)
 
     # add_middleware puts the last one outermost: log -> CORS -> auth -> body limit -> routes
     app.add_middleware(BodyLimitMiddleware, settings=settings, metrics=engine.metrics)
-    if settings.api_auth:
+    if settings.api_auth or settings.api_keys:
         app.add_middleware(BasicAuthMiddleware, settings=settings)
     cors = _cors_kwargs(settings)
     if cors is not None:

@@ -18,6 +18,7 @@ from typing import Any
 from ..service.metrics import REQUEST_LOG, ServiceMetrics
 from ..settings import Settings
 from .errors import a1111_body, server_fault_body
+from .openai_protocol import openai_error_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -162,7 +163,7 @@ def _parameters(scope: Scope, body: bytes | None) -> Any:
     return query or None
 
 
-# --- HTTP Basic auth -------------------------------------------------------------------------------
+# --- auth: HTTP Basic and Bearer keys --------------------------------------------------------------
 def parse_credentials(api_auth: str) -> list[tuple[bytes, bytes]]:
     """`user:pass[,user2:pass2]` -> [(user, pass)] (as A1111 splits it)."""
     pairs = []
@@ -173,20 +174,40 @@ def parse_credentials(api_auth: str) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+def parse_api_keys(api_keys: str) -> list[bytes]:
+    """`key1[,key2]` -> [key1, key2] (UTF-8 bytes, blanks dropped)."""
+    return [key.strip().encode() for key in api_keys.split(",") if key.strip()]
+
+
+def _any_matches(candidate: bytes, known: list[bytes]) -> bool:
+    """Constant time per entry: every entry is compared, no early exit."""
+    matched = False
+    for entry in known:
+        matched |= secrets.compare_digest(candidate, entry)
+    return matched
+
+
 class BasicAuthMiddleware:
-    """401 in A1111's shape (with WWW-Authenticate) unless the Basic credentials match."""
+    """401 unless the request carries matching HTTP Basic credentials (`api_auth`) or a Bearer key
+    (`api_keys`). The body is A1111's shape, OpenAI's on /v1/*; WWW-Authenticate names the scheme."""
 
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
         self.credentials = parse_credentials(settings.api_auth or "")
+        self.keys = parse_api_keys(settings.api_keys or "")
         self.open_paths = () if settings.auth_health else OPEN_PATHS
+        self.challenge = "Basic" if self.credentials else "Bearer"
 
     def _authorized(self, header: str | None) -> str | None:
         """None when authorized, else the error detail."""
-        if not header or header[:6].lower() != "basic ":
+        scheme, _, value = (header or "").strip().partition(" ")
+        if scheme.lower() == "bearer" and self.keys:
+            token = value.strip().encode("latin-1")  # the bytes as sent (headers are decoded as latin-1)
+            return None if _any_matches(token, self.keys) else "Incorrect API key provided"
+        if scheme.lower() != "basic" or not self.credentials:
             return "Not authenticated"
         try:
-            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+            user, sep, password = base64.b64decode(value.strip(), validate=True).partition(b":")
         except (binascii.Error, ValueError):
             return "Not authenticated"
         if not sep:
@@ -199,7 +220,7 @@ class BasicAuthMiddleware:
         return None if matched else "Incorrect username or password"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or not self.credentials or scope["method"] == "OPTIONS"
+        if (scope["type"] != "http" or not (self.credentials or self.keys) or scope["method"] == "OPTIONS"
                 or scope["path"] in self.open_paths):
             await self.app(scope, receive, send)
             return
@@ -210,8 +231,9 @@ class BasicAuthMiddleware:
         record = REQUEST_LOG.get()
         if record is not None:
             record["error"] = problem
-        await send_json(send, 401, a1111_body(problem, "HTTPException", 401),
-                        {"WWW-Authenticate": "Basic"})
+        body = (openai_error_body(401, problem, None, "invalid_api_key") if scope["path"].startswith("/v1/")
+                else a1111_body(problem, "HTTPException", 401))
+        await send_json(send, 401, body, {"WWW-Authenticate": self.challenge})
 
 
 # --- request body limit ----------------------------------------------------------------------------
