@@ -148,6 +148,10 @@ def test_schema_errors_and_non_json_bodies_have_the_openai_shape(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = requests.post(server.url + "/v1/images/generations", json={"prompt": "x", "stream": True}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    r = requests.get(server.url + "/v1/images/generations", timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed"
+    r = requests.post(server.url + "/v1/images/variations", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
 
 
 def test_not_ready_is_a_503_with_retry_after_in_openai_shape(settings_factory, demo_models):

@@ -22,6 +22,7 @@ from ..service.engine import ClientDisconnectedError, Engine, ServiceUnavailable
 from ..settings import Settings
 from .errors import a1111_body, generate_error_for, sdapi_error_for
 from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware, Scope
+from .openai_protocol import openai_error_body
 from .routers import generate, internal, openai, sdapi
 
 
@@ -65,6 +66,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         if _is_sdapi(request) and "route" in request.scope:  # unmatched paths keep {"detail": "Not Found"}
             body = a1111_body(exc.detail, "HTTPException", exc.status_code)
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        if request.url.path.startswith("/v1/"):  # OpenAI clients read error.message, even on a 404
+            body = openai_error_body(exc.status_code, str(exc.detail))
             return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 

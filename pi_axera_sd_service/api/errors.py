@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from ..pipeline.stages import StageError
 from ..service.queue import ClientDisconnectedError, ServiceUnavailableError
 from ..service.request import RequestError
+from .openai_protocol import openai_error_body
 
 
 def a1111_body(detail: Any, error: str = "HTTPException", status_code: int | None = None) -> dict[str, Any]:
@@ -25,6 +26,8 @@ def server_fault_body(path: str, exc: BaseException) -> dict[str, Any]:
     """The 500 body for an unexpected exception, in the shape of the route family (no internals)."""
     if path == "/generate":
         return {"status": "error", "error": f"internal server error ({type(exc).__name__})"}
+    if path.startswith("/v1/"):
+        return openai_error_body(500, f"internal server error ({type(exc).__name__})")
     return a1111_body("", type(exc).__name__, 500)
 
 
