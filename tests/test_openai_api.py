@@ -79,6 +79,18 @@ def test_sd_extras_reach_the_generation(server):
     assert plain.data[0].b64_json != resp.data[0].b64_json
 
 
+def test_a1111_prompt_syntax_works_in_prompt(server):
+    """A schedule between two equal texts is that text, and a LoRA tag is dropped with a warning:
+    parsed as on /sdapi, not sent to the text encoder as typed."""
+    client = sdk(server)
+    tagged = client.images.generate(prompt="<lora:detail:0.8>a red fox [in the snow:in the snow:0.5]",
+                                    extra_body={"seed": 8})
+    plain = client.images.generate(prompt="a red fox in the snow", extra_body={"seed": 8})
+    assert any("LoRA" in w for w in tagged.model_extra["pi_axera_sd"]["warnings"])
+    pixels = [np.asarray(decode(resp.data[0].b64_json)) for resp in (tagged, plain)]
+    assert np.array_equal(*pixels)
+
+
 def test_openai_options_that_cannot_apply_are_warned_about(server):
     resp = sdk(server).images.generate(
         prompt=PROMPT, model="dall-e-3", size="1024x1024", quality="hd", style="vivid", user="u-1",
