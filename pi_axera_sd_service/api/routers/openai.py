@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 
 from ...service.engine import Engine
 from ...service.openai_request import from_openai
-from ...service.request import CapabilityError, RequestError
+from ...service.request import CapabilityError, GenerationRequest, RequestError
 from ..errors import classify
 from ..openai_protocol import (
     ImageEditRequest,
@@ -79,7 +79,7 @@ async def _images(
 ) -> JSONResponse:
     engine = _engine(request)
 
-    def translate():
+    def translate() -> GenerationRequest:
         return from_openai(mode, payload.model_dump(), payload.model_fields_set, engine.settings,
                            unknown=sorted(payload.model_extra or {}), images=images)
 
