@@ -142,6 +142,10 @@ def test_strict_mode_rejects_a_clamp_naming_the_openai_field(live_server, settin
     ({"output_format": "gif"}, "output_format", "png, jpeg or webp"),
     ({"extra_body": {"seed": "abc"}}, "seed", "seed"),
     ({"extra_body": {"steps": 2.5}}, "steps", "steps"),
+    ({"n": 10**12}, "n", "less than or equal to 2147483647"),
+    ({"extra_body": {"cfg_scale": 1e300}}, "cfg_scale", "less than or equal"),
+    ({"extra_body": {"seed": 10**30}}, "seed", "out of range"),  # refused by the body check, same shape
+    ({"extra_body": {"negative_prompt": "(" * 500 + "x"}}, "negative_prompt", "nested 500 deep"),
 ])
 def test_bad_input_is_an_sdk_error_carrying_our_message(server, kwargs, param, words):
     with pytest.raises(openai.BadRequestError) as info:

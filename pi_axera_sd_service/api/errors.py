@@ -93,9 +93,10 @@ def error_response(path: str, err: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=err.headers or None)
 
 
-def client_error_body(path: str, status: int, message: str) -> dict[str, Any]:
-    """A 4xx body refused before routing (body checks, limits), in the shape of the route family."""
-    return shape_for(path)(ApiError(status, message, "HTTPException"))[1]
+def client_error_body(path: str, status: int, message: str, field: str | None = None) -> dict[str, Any]:
+    """A 4xx body refused before routing (body checks, limits), in the shape of the route family;
+    `field`: where in the body (e.g. `seed`, `init_images[0]`), when the check knows."""
+    return shape_for(path)(ApiError(status, message, "HTTPException", field=field))[1]
 
 
 def unauthorized_body(path: str, message: str) -> dict[str, Any]:

@@ -297,7 +297,7 @@ class BodyLimitMiddleware:
                 parsed = (await asyncio.to_thread(parse_json_body, body) if len(body) > PARSE_OFF_LOOP_BYTES
                           else parse_json_body(body))
             except BodyError as exc:
-                await self._refuse(scope, send, 400, "bad_body", str(exc))
+                await self._refuse(scope, send, 400, "bad_body", str(exc), field=exc.path or None)
                 return
             scope.setdefault("state", {})[JSON_BODY_STATE_KEY] = parsed
             if record is not None:
@@ -349,12 +349,12 @@ class BodyLimitMiddleware:
                 return
 
     async def _refuse(self, scope: Scope, send: Send, status: int, reason: str, message: str,
-                      close: bool = False) -> None:
+                      close: bool = False, field: str | None = None) -> None:
         self.metrics.reject(reason)
         record = REQUEST_LOG.get()
         if record is not None:
             record["error"] = message
-        await send_json(send, status, client_error_body(scope["path"], status, message),
+        await send_json(send, status, client_error_body(scope["path"], status, message, field),
                         {"Connection": "close"} if close else None)
 
 

@@ -9,6 +9,7 @@ documented extra field `pi_axera_sd`.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -45,18 +46,24 @@ OPENAI_PARAMS: dict[str, str | None] = {
 }
 
 
+def openai_param(field: str | None) -> str | None:
+    """The OpenAI parameter a client sent for an internal field or a body path (`image[1]` -> image)."""
+    if field is None or field in OPENAI_PARAMS:
+        return OPENAI_PARAMS.get(field or "body")
+    return re.split(r"[.\[]", field, maxsplit=1)[0]
+
+
 def openai_shape(err: ApiError) -> tuple[int, dict[str, Any]]:
     """OpenAI's error family: every client error a 400 naming the OpenAI `param` (code
-    `unsupported_value` for a capability rejection, else `invalid_value`); 401 `invalid_api_key`;
-    server faults keep their status with the error's name as `code`."""
+    `unsupported_value` for a capability rejection, else `invalid_value`); body refusals keep their
+    status (400, 408, 413); 401 `invalid_api_key`; server faults keep their status with the error's
+    name as `code`."""
     if err.client_error:
-        field = err.field or "body"
-        param = OPENAI_PARAMS[field] if field in OPENAI_PARAMS else field.split("[")[0]
         code = "unsupported_value" if err.status_code == 422 else "invalid_value"  # 422: CapabilityError
-        return 400, openai_error_body(400, err.message, param, code)
+        return 400, openai_error_body(400, err.message, openai_param(err.field), code)
     code = "invalid_api_key" if err.status_code == 401 else err.error if err.status_code >= 500 else None
     message = err.message or f"internal server error ({err.error})"
-    return err.status_code, openai_error_body(err.status_code, message, None, code)
+    return err.status_code, openai_error_body(err.status_code, message, openai_param(err.field), code)
 
 
 add_error_family(lambda path: path.startswith(PREFIX + "/"), openai_shape)
