@@ -42,7 +42,8 @@ MAX_UPLOADS = 16
 # Internal field names (RequestError.field) -> the OpenAI parameter a client sent (None: the body).
 OPENAI_PARAMS: dict[str, str | None] = {
     "batch_size": "n", "n_iter": "n", "width": "size", "height": "size", "denoising_strength": "strength",
-    "samples_format": "output_format", "jpeg_quality": "output_compression", "body": None,
+    "samples_format": "output_format", "jpeg_quality": "output_compression", "init_images": "image",
+    "body": None,
 }
 
 
@@ -80,13 +81,12 @@ async def _images(
 
     result, encoded = await engine.generate(translate, request.is_disconnected)
     plan = result.plan
-    checkpoint = engine.options.checkpoint if engine.options else None
     body = ImagesResponse(
         created=int(time.time()),
         data=[{"b64_json": b64} for b64 in encoded.images_b64],
         output_format=plan.samples_format,
         size=f"{plan.width}x{plan.height}",
-        pi_axera_sd={"model": checkpoint.model_name if checkpoint else None, "seeds": list(result.seeds),
+        pi_axera_sd={"model": encoded.info.get("sd_model_name"), "seeds": list(result.seeds),
                      "warnings": list(result.warnings), "infotexts": list(encoded.infotexts)},
     )
     return body.model_dump(exclude_none=True)
@@ -139,13 +139,12 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], list[tuple[str, 
 
 # ---------------------------------------------------------------------------- models
 def _model_card(engine: Engine) -> ModelCard:
-    checkpoint = engine.options.checkpoint if engine.options else None
-    assert checkpoint is not None  # ReadyEngineDep: the models are loaded
+    item = engine.sd_models()[0]  # ReadyEngineDep: the model is loaded
     try:
-        created = int(Path(checkpoint.filename).stat().st_mtime)
+        created = int(Path(item["filename"]).stat().st_mtime)
     except OSError:
         created = 0
-    return ModelCard(id=checkpoint.model_name, created=created, owned_by=OWNER)
+    return ModelCard(id=item["model_name"], created=created, owned_by=OWNER)
 
 
 @router.get("/models", response_model=ModelList)
@@ -158,7 +157,6 @@ async def models(engine: ReadyEngineDep) -> Any:
 async def model(model_id: str, engine: ReadyEngineDep) -> Any:
     """The loaded model by any of its names (A1111 title, file name, model name, hash)."""
     card = _model_card(engine)
-    assert engine.options is not None
-    if engine.options.resolve_checkpoint(model_id) is None:
+    if engine.options is None or engine.options.resolve_checkpoint(model_id) is None:
         raise HTTPException(404, f"The model '{model_id}' does not exist; this service has only '{card.id}'")
     return card
