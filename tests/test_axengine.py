@@ -21,6 +21,7 @@ import pytest
 from fake_axengine.axmodels import axmodel_pack, copy_as_axmodel
 from PIL import Image
 
+from pi_axera_sd_service.exit_codes import EXIT_CONFIG
 from pi_axera_sd_service.runtime import axengine_backend
 from pi_axera_sd_service.runtime.contract import AXMODEL_INPUT_IDS_RULE
 from pi_axera_sd_service.runtime.model_dir import (
@@ -398,10 +399,10 @@ def test_check_models_prints_only_its_report(pack: Path) -> None:
 
 def test_check_models_with_a_bad_device_is_one_line(pack: Path) -> None:
     proc = cli("check-models", pack, DEVICE_ID="1")
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_CONFIG
     assert proc.stderr.splitlines() == [
         "pi-axera-sd: error: device index 1 is out of range: axengine found 1 AXCL card(s); "
-        "set DEVICE_ID to 0"
+        "set DEVICE_ID to 0 (configuration error, exit code 3)"
     ]
 
 
@@ -415,7 +416,7 @@ def test_check_models_refuses_an_int64_text_encoder_without_noise(pack: Path) ->
 
 def test_check_models_on_auto_with_a_broken_runtime(pack: Path) -> None:
     proc = cli("check-models", pack, FAKE_AXCL_FAIL="init")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "Traceback" not in proc.stderr
     (line,) = proc.stderr.splitlines()
     assert line.startswith("pi-axera-sd: error: the AXCL runtime failed to start: pyaxengine says "
                            "'Failed to initialize axcl runtime. -1.'; check that `axcl-smi` lists the card")
