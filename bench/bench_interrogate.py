@@ -2,8 +2,9 @@
 
 Measures decode, preprocessing (224 crop), the demo vision call, scoring against a tag list the size of
 upstream's (20,101 random unit vectors), a structured request's classification, and the tag-cache
-build per label on the demo text model. The demo graphs do almost no work: NPU time is upstream's
-estimate (vision 30-50 ms, text ~4 ms per label).
+build per label on the demo text model; then the server time per call of both routes over HTTP (the
+real app under uvicorn on 127.0.0.1, demo pack: decode, queue, worker, JSON). The demo graphs do almost
+no work: NPU time is upstream's estimate (vision 30-50 ms, text ~4 ms per label).
 
 Run: .venv/bin/python bench/bench_interrogate.py [--runs 20]
 """
@@ -19,7 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
+from bench_concurrency import Server
 from PIL import Image
 
 from pi_axera_sd_service.pipeline.clip import classify, general_tags, pick_tags, preprocess
@@ -31,6 +34,8 @@ from pi_axera_sd_service.runtime.demo_pack import demo_pack_dir
 from pi_axera_sd_service.settings import Settings
 
 UPSTREAM_TAGS = 20_101
+PICKER_CATEGORIES = {"Colour": ["red", "green", "blue", "yellow"], "Animal": ["cat", "dog"],
+                     "Place": ["forest", "ocean", "mountain", "house"]}
 
 
 def median_ms(func: Callable[[], object], runs: int) -> float:
@@ -83,11 +88,38 @@ def main() -> None:
             "interrogate (demo, all CPU work)": median_ms(lambda: interrogator.interrogate(photo), args.runs),
             "tag-cache build per label (demo text)": build_ms,
         }
+    rows.update(http_rows(b64, args.runs, args.cache_dir))
     width = max(map(len, rows))
     for name, value in rows.items():
         print(f"{name:<{width}}  {value:8.2f} ms")
     print(f"NPU estimate per /interrogate (upstream): vision 30-50 ms + the CPU rows above; tag cache "
           f"{UPSTREAM_TAGS} x ~4 ms = ~{UPSTREAM_TAGS * 4 / 1000:.0f} s once")
+
+
+def http_rows(b64: str, runs: int, cache_dir: Path) -> dict[str, float]:
+    """Median time per call of both routes over HTTP on a demo server, once its tag cache is built."""
+    settings = Settings(demo=True, cache_dir=cache_dir, api_auth=None, state_dir=cache_dir / "state",
+                        output_dir=cache_dir / "out")
+    with Server(settings) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        while True:
+            status = http.get("/capabilities").json()["interrogate"]
+            if not status["available"]:
+                raise SystemExit(f"interrogation is off: {status['reason']}")
+            if status["tags_prepared"] == status["tags"]:
+                break
+            time.sleep(0.05)
+
+        def call(path: str, body: dict) -> None:
+            response = http.post(path, json=body)
+            response.raise_for_status()
+
+        structured = {"image": b64, "categories": PICKER_CATEGORIES}
+        return {
+            "HTTP /sdapi/v1/interrogate (512x512 PNG)": median_ms(
+                lambda: call("/sdapi/v1/interrogate", {"image": b64}), runs),
+            "HTTP /interrogate/structured (picker, 3 categories)": median_ms(
+                lambda: call("/sdapi/v1/interrogate/structured", structured), runs),
+        }
 
 
 if __name__ == "__main__":

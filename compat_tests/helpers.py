@@ -201,3 +201,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def interrogation_available(target: Target) -> bool:
+    """What /capabilities says: a deployment without the CLIP models answers the routes with 501."""
+    import requests
+
+    caps = requests.get(target.url("/capabilities"), auth=target.auth, timeout=30).json()
+    return bool(caps.get("interrogate", {}).get("available"))
+
+
+def assert_structured_answer(body: dict[str, Any], categories: dict[str, list[str]]) -> None:
+    """What the picker's panel reads: a winner from each category's labels, a confidence in [0,1]."""
+    assert set(body["results"]) == set(categories)
+    for name, result in body["results"].items():
+        assert result["winner"] in categories[name], f"{name}: {result['winner']!r} is not one of its labels"
+        assert 0.0 <= result["confidence"] <= 1.0
+    assert isinstance(body["general_tags"], list) and all(isinstance(t, str) for t in body["general_tags"])

@@ -9,7 +9,13 @@ import pytest
 import requests
 from PIL import Image
 
-from compat_tests.helpers import MODEL_SIZE, inject_images, load_payload
+from compat_tests.helpers import (
+    MODEL_SIZE,
+    assert_structured_answer,
+    inject_images,
+    interrogation_available,
+    load_payload,
+)
 
 pytestmark = pytest.mark.client("pi_axera_sd_interactive")
 
@@ -61,3 +67,30 @@ def test_img2img_resize_modes_differ(target, init_image):
         for mode in (0, 1, 2)
     }
     assert len(set(images.values())) == 3
+
+
+CATEGORIES = {"colour": ["red", "green", "blue"], "place": ["forest", "ocean", "house"]}
+
+
+def _interrogate(target, path, body):
+    """The app's interrogate modes: requests, 30 s timeout, the JSON shown as-is."""
+    r = requests.post(target.url(path), json=body, auth=target.auth, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_interrogate_standard_and_structured_modes(target):
+    if not interrogation_available(target):
+        pytest.skip("this deployment has no CLIP models (interrogation off)")
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 150), (25, 45, 200)).save(buffer, format="PNG")
+    b64 = base64.b64encode(buffer.getvalue()).decode()
+    standard = _interrogate(target, "/sdapi/v1/interrogate", {"image": b64})  # "Standard": no model key
+    assert isinstance(standard["caption"], str) and standard["caption"]
+    assert all(0.0 <= item["score"] <= 1.0 for item in standard["interrogations"])
+    body = {"image": b64, "categories": CATEGORIES}
+    structured = _interrogate(target, "/sdapi/v1/interrogate/structured", body)
+    assert_structured_answer(structured, CATEGORIES)
+    if target.demo:
+        assert standard["interrogations"][0]["tag"] == "blue"
+        assert structured["results"]["colour"]["winner"] == "blue"

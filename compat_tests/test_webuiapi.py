@@ -6,9 +6,19 @@ import json
 import time
 
 import pytest
+import requests
 import webuiapi
+from PIL import Image
 
-from compat_tests.helpers import Background, assert_model_image, is_busy, is_idle, poll_while, wait_until
+from compat_tests.helpers import (
+    Background,
+    assert_model_image,
+    interrogation_available,
+    is_busy,
+    is_idle,
+    poll_while,
+    wait_until,
+)
 
 pytestmark = pytest.mark.client("webuiapi")
 
@@ -37,7 +47,7 @@ def test_constructor_scripts_add_no_alwayson_entries(api):
     assert not (api.has_controlnet or api.has_adetailer or api.has_animatediff)
 
 
-def test_txt2img_result_as_users_read_it(api):
+def test_txt2img_result_as_users_read_it(api, target):
     result = api.txt2img(prompt=PROMPT, seed=1234)
     assert_model_image(result.image)
     info = result.info
@@ -48,8 +58,10 @@ def test_txt2img_result_as_users_read_it(api):
     assert (info["width"], info["height"]) == result.image.size
     missing = INFO_KEYS - info.keys()
     assert not missing, f"info lacks {sorted(missing)}"
-    # info reports what ran (webuiapi sent steps 20 and "Euler a"), not what was asked for
-    assert info["sampler_name"] == "LCM" and 1 <= info["steps"] <= 4
+    # info reports what ran (webuiapi sent steps 20 and "Euler a"), not what was asked for: steps up to
+    # the server's max_steps (4 with the four published time rows, MAX_STEPS with a time table)
+    max_steps = requests.get(target.url("/capabilities"), auth=target.auth, timeout=30).json()["max_steps"]
+    assert info["sampler_name"] == "LCM" and info["steps"] == min(20, max_steps)
     assert f"Steps: {info['steps']}" in info["infotexts"][0] and "Sampler: LCM" in info["infotexts"][0]
     assert isinstance(result.parameters, dict) and result.parameters["prompt"] == PROMPT
     assert result.image.info.get("parameters") == info["infotexts"][0], "PNG lacks the infotext chunk"
@@ -199,6 +211,16 @@ def test_interrupt(api, target, long_job):
             "interrupt did not stop the remaining images"
     after = api.txt2img(prompt=PROMPT, seed=22, batch_size=2)
     assert len(after.images) == 2, "the interrupt flag stuck to the next generation"
+
+
+def test_interrogate_returns_a_caption(api, target):
+    """webuiapi.interrogate(image, model="clip"): a data URI; `info` is the caption."""
+    if not interrogation_available(target):
+        pytest.skip("this deployment has no CLIP models (interrogation off)")
+    result = api.interrogate(Image.new("RGB", (256, 256), (210, 30, 35)), model="clip")
+    assert isinstance(result.info, str) and result.info
+    if target.demo:
+        assert result.info.split(", ")[0] == "red"
 
 
 def test_list_endpoints(api):

@@ -175,6 +175,7 @@ def cmd_check_models(args: argparse.Namespace) -> int:
     exit 1 when anything is wrong. The CLIP interrogation files follow (or why interrogation is off)."""
     from pi_axera_sd_service.runtime.clip_models import resolve_clip_files
     from pi_axera_sd_service.runtime.model_dir import auto_backend, check_models, format_check_lines
+    from pi_axera_sd_service.service.engine import check_device_indexes, describe_devices, device_count
 
     settings = settings_from_args(args)
     _setup_logging(settings.log_level)  # LOG_LEVEL=debug shows what pyaxengine printed, per model
@@ -187,11 +188,20 @@ def cmd_check_models(args: argparse.Namespace) -> int:
     else:
         why = f"BACKEND={settings.backend}"
     print(f"backend: {backend} ({why})")
+    if len(settings.devices) > 1:  # one device: check_models' own `device` line says it
+        count = device_count(backend)
+        print(describe_devices(settings.devices, backend, count))
+        check_device_indexes(settings.devices, count)   # ModelLoadError naming the index and the count
     text_dir = files.tokenizer_dir.parent
     clip_files = resolve_clip_files(backend, text_model_dir=text_dir, **settings.clip_paths())
-    lines = check_models(files, backend, settings.device_id, clip_files)
-    print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
-    if all(line.ok for line in lines):
+    ok = True
+    for device in settings.devices:
+        if len(settings.devices) > 1:
+            print(f"device {device}:")
+        lines = check_models(files, backend, device, clip_files)
+        print(format_check_lines(lines))  # ends with "all models OK" or "N problem(s) found"
+        ok = ok and all(line.ok for line in lines)
+    if ok:
         return 0
     print(f"{PROG}: check-models: see the [FAIL] lines above", file=sys.stderr)
     return 1
@@ -301,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt")
     gen.add_argument("--negative-prompt", default="", help="negative prompt (used when --cfg-scale > 1)")
     gen.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default)")
-    gen.add_argument("--steps", type=int, help="LCM steps (img2img: the schedule length); default and "
-                     "maximum: the time rows the models have; more are clamped with a warning")
+    gen.add_argument("--steps", type=int, help="LCM steps (img2img: the schedule length): 1..MAX_STEPS "
+                     "(default 8) with a time table, else 1..4; default 4; more are clamped with a warning")
     gen.add_argument("--cfg-scale", type=float, help="<= 1: one UNet pass per step (default 1); above "
                      "MAX_CFG_SCALE it is clamped with a warning, as the service")
     gen.add_argument("--init-image", type=Path, help="init image file: img2img instead of txt2img")

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_PATH_FIELDS = (
@@ -47,7 +47,13 @@ class Settings(BaseSettings):
     backend: Literal["auto", "axengine", "onnxruntime"] = Field(
         "auto", description="auto: axengine when importable and .axmodel files exist, else onnxruntime"
     )
-    device_id: int = Field(0, ge=0, description="NPU device index (AXCL card)")
+    device_id: int = Field(0, ge=0, description="NPU device index (AXCL card); a list (0,1) sets device_ids")
+    device_ids: str | None = Field(
+        None, description="Several NPUs, e.g. 0,1: one worker per device, one queue (overrides device_id)"
+    )
+    require_all_devices: bool = Field(
+        False, description="Refuse to start when a device fails to load (default: start degraded)"
+    )
     demo: bool = Field(False, description="Use the generated demo model pack on the CPU (no models needed)")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="Demo pack and model-hash cache")
 
@@ -68,6 +74,10 @@ class Settings(BaseSettings):
     output_dir: Path = Field(Path("./txt2img_server_output"), description="Where saved images go")
     save_outputs: bool = Field(False, description="Save every /generate image to OUTPUT_DIR (upstream did)")
     state_dir: Path = Field(Path("./state"), description="Persistent options (options.json)")
+    lean_memory: bool = Field(
+        True, description="Flat RSS: glibc returns image-sized buffers at once, onnxruntime without "
+        "its arena (costs CPU per image)"
+    )
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG responses (1: fast)")
 
     # --- schedules ---
@@ -143,6 +153,37 @@ class Settings(BaseSettings):
     show_progress_every_n_steps: int = Field(1, ge=1, description="Preview period in steps")
     log_json: bool = Field(False, description="One JSON object per log line")
     log_level: str = Field("INFO", description="Python logging level")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _device_list_in_device_id(cls, data: Any) -> Any:
+        """DEVICE_ID=0,1 means DEVICE_IDS=0,1 (device_id then names the first)."""
+        if isinstance(data, dict):
+            value = data.get("device_id")
+            if isinstance(value, str) and "," in value and not data.get("device_ids"):
+                data = {**data, "device_ids": value, "device_id": value.split(",")[0].strip()}
+        return data
+
+    @field_validator("device_ids")
+    @classmethod
+    def _parse_device_ids(cls, value: str | None) -> str | None:
+        """Comma-separated indexes >= 0, no repeats; normalised to `0,1`."""
+        if value is None or not str(value).strip():
+            return None
+        try:
+            indexes = [int(part) for part in str(value).split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"device_ids must be indexes such as 0,1, got {value!r}") from None
+        if not indexes or any(i < 0 for i in indexes) or len(set(indexes)) != len(indexes):
+            raise ValueError(f"device_ids must be distinct indexes >= 0 such as 0,1, got {value!r}")
+        return ",".join(map(str, indexes))
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """The device indexes to serve on: device_ids, else (device_id,)."""
+        if self.device_ids:
+            return tuple(int(part) for part in self.device_ids.split(","))
+        return (self.device_id,)
 
     def model_paths(self) -> dict[str, Path | None]:
         """The model path settings, as keyword arguments for `resolve_model_files`."""

@@ -158,6 +158,21 @@ def _capability_table(cache_dir: Path) -> Any:
     return CapabilityTable.from_models(models, Settings.model_construct())
 
 
+def _four_row_schedules() -> str:
+    """1→[999], ..., 4→[999, 759, 499, 259]: what runs on the four published time rows."""
+    from pi_axera_sd_service.pipeline.scheduler import max_schedule_steps, txt2img_timesteps
+
+    return ", ".join(f"{n}→{txt2img_timesteps(n)}" for n in range(1, max_schedule_steps(False, 0) + 1))
+
+
+def _timesteps_row(table: dict[str, Any]) -> str:
+    """The limits row saying which timesteps have a stored time input."""
+    if table["time_table"]:
+        return "| timesteps stored | every timestep 0..999 (any LCM schedule) | `time_input_table.npy` |"
+    stored = ", ".join(str(t) for t in table["timesteps"])
+    return f"| timesteps stored | {stored} | `time_input_txt2img.npy` |"
+
+
 def capabilities_md(cache_dir: Path | None = None) -> str:
     """docs/capabilities.md."""
     if cache_dir is None:
@@ -175,7 +190,8 @@ def capabilities_md(cache_dir: Path | None = None) -> str:
         "A running service serves this table for its own models and settings at `GET /capabilities`;",
         "this page shows it for the standard 512×512 models (the demo pack has the same I/O contract)",
         "and the default settings. For every request field it says what is supported and what happens",
-        "otherwise:",
+        "otherwise (`GET /capabilities` adds `interrogate`: whether the CLIP interrogation routes are",
+        "available, why not, and how many tags of the tag list are prepared; see [api.md](api.md)):",
         "",
         "- **accept**: taken silently (the value has no effect on LCM, or is fully supported);",
         "- **warn**: run anyway, with a warning in the response (`info.warnings` on `/sdapi`,",
@@ -186,13 +202,21 @@ def capabilities_md(cache_dir: Path | None = None) -> str:
         "`STRICT=true` (`--strict`) turns clamps, and the rows marked so, into rejections: the",
         '"strict" column. Warnings never fail a request otherwise.',
         "",
+        "Steps depend on the time inputs in the model folder. With a time table",
+        "(`time_input_table.npy`, a row for every timestep, as the demo pack has) `steps` 1–`MAX_STEPS`",
+        "(default 8) run diffusers' `LCMScheduler` timesteps; with only the four published rows",
+        f"(`time_input_txt2img.npy`) `steps` are 1–4 ({_four_row_schedules()})",
+        "and more run 4 with a warning. `pi-axera-sd time-table` adds a table to the published models",
+        "([RASPBERRY_PI_SETUP.md](../RASPBERRY_PI_SETUP.md)).",
+        "",
         "## Limits",
         "",
         "| item | value | setting |",
         "|---|---|---|",
         f"| image size | {size['width']}×{size['height']} | read from the models (latent × 8) |",
-        f"| timesteps stored | {', '.join(str(t) for t in table['timesteps'])} | `time_input_txt2img.npy` |",
-        f"| steps | 1–{table['max_steps']} | — |",
+        _timesteps_row(table),
+        f"| steps | 1–{table['max_steps']}, default {table['default_steps']} "
+        f"| {'`MAX_STEPS` (with a time table; else 4)' if table['time_table'] else '4 (no time table)'} |",
         f"| modes | {', '.join(table['modes'])} | img2img needs `vae_encoder` |",
         f"| samplers / schedulers | {', '.join(table['samplers'])} / {', '.join(table['schedulers'])} | — |",
         f"| guidance | {table['guidance']}, cfg_scale up to {table['max_cfg_scale']:g} "
@@ -272,7 +296,8 @@ def _examples() -> list[dict[str, Any]]:
         _post("png_info", "/sdapi/v1/png-info", {"image": IMAGE}),
         _post("interrogate", "/sdapi/v1/interrogate", {"image": IMAGE, "model": "clip"}),
         _post("interrogate_structured", "/sdapi/v1/interrogate/structured",
-              {"image": IMAGE, "categories": {"animal": ["fox", "cat"]}}),
+              {"image": IMAGE, "categories": {"colour": ["red", "green", "blue"], "animal": ["cat", "dog"]}}),
+        _post("interrogate_deepdanbooru", "/sdapi/v1/interrogate", {"image": IMAGE, "model": "deepdanbooru"}),
         _post("openai_generations", "/v1/images/generations",
               {"prompt": PROMPT, "n": 2, "size": "512x512", "response_format": "b64_json", "seed": 42}),
         _post("openai_url", "/v1/images/generations", {"prompt": PROMPT, "response_format": "url"}),

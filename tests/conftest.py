@@ -1,7 +1,8 @@
 """Shared fixtures: the demo pack, loaded demo models, settings, a TestClient and a live uvicorn server.
 
-Session wrappers (`wrap_factory`) add a per-call delay or a fault to chosen roles, so that jobs
-overlap the way they do on the NPU.
+Session wrappers (`wrap_factory`) add a per-call delay, a fault or a gate to chosen roles. A gate holds a
+role's calls until the test lets them through, so a test can look at the server while a job is provably
+mid-run, however slow the machine is: order events with gates, never with a delay (a busy CPU breaks that).
 """
 
 from __future__ import annotations
@@ -23,18 +24,71 @@ from pi_axera_sd_service.runtime.model_dir import LoadedModels, Wrap, load_model
 from pi_axera_sd_service.runtime.session import Session
 from pi_axera_sd_service.settings import Settings
 
+HANG_S = 60.0  # bounds a hang only: a condition that needs longer than this is broken, not slow
+
+
+class Gate:
+    """Holds each session call at its start until the test lets it through (`allow`, `open`)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.waiting = 0  # calls held right now
+        self.passed = 0  # calls let through so far
+        self._allowed = 0
+        self._open = False
+
+    def enter(self) -> None:
+        with self._cond:
+            self.waiting += 1
+            self._cond.notify_all()
+            released = self._cond.wait_for(lambda: self._open or self._allowed > 0, timeout=HANG_S)
+            self.waiting -= 1
+            self.passed += 1
+            if not self._open and released:
+                self._allowed -= 1
+            self._cond.notify_all()
+        if not released:
+            raise RuntimeError(f"test gate was never opened within {HANG_S:g} s")
+
+    def wait_held(self, passed: int | None = None, timeout: float = HANG_S) -> None:
+        """Block until a call is held (and, if given, exactly `passed` calls went through before it)."""
+        with self._cond:
+            held = self._cond.wait_for(
+                lambda: self.waiting > 0 and (passed is None or self.passed == passed), timeout=timeout)
+        assert held, f"no call held at the gate within {timeout:g} s (passed {self.passed})"
+
+    @property
+    def held(self) -> bool:
+        return self.waiting > 0
+
+    def allow(self, calls: int = 1) -> None:
+        with self._cond:
+            self._allowed += calls
+            self._cond.notify_all()
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Hold calls again from now on."""
+        with self._cond:
+            self._open, self._allowed = False, 0
+
 
 class ScriptedSession:
-    """A Session wrapper: sleeps `delay_s` per run and raises on chosen call numbers (1-based)."""
+    """A Session wrapper: waits at `gate`, sleeps `delay_s` per run, raises on chosen calls (1-based)."""
 
     def __init__(self, inner: Session, delay_s: float = 0.0, fail_calls: set[int] | None = None,
-                 error: str = "simulated runtime failure"):
+                 error: str = "simulated runtime failure", gate: Gate | None = None):
         self.inner = inner
         self.path, self.backend = inner.path, inner.backend
         self.inputs, self.outputs = inner.inputs, inner.outputs
         self.delay_s = delay_s
         self.fail_calls = fail_calls or set()
         self.error = error
+        self.gate = gate
         self.calls = 0
         self._lock = threading.Lock()
 
@@ -42,6 +96,8 @@ class ScriptedSession:
         with self._lock:
             self.calls += 1
             call = self.calls
+        if self.gate is not None:
+            self.gate.enter()
         if self.delay_s:
             time.sleep(self.delay_s)
         if call in self.fail_calls:
@@ -50,22 +106,32 @@ class ScriptedSession:
 
 
 class WrapRecorder:
-    """wrap(role, session) for Engine/load_models; keeps the wrapped sessions for assertions."""
+    """wrap(role, session) for Engine/load_models; keeps the wrapped sessions for assertions.
+
+    `gated` roles wait at a Gate per call (`recorder.gates[role]`); `open_gates()` lets everything through.
+    """
 
     def __init__(self, delays: Mapping[str, float] | None = None,
-                 fail_calls: Mapping[str, set[int]] | None = None, error: str = "simulated runtime failure"):
+                 fail_calls: Mapping[str, set[int]] | None = None, error: str = "simulated runtime failure",
+                 gated: tuple[str, ...] = ()):
+        self.gates = {role: Gate() for role in gated}
         self.delays = dict(delays or {})
         self.fail_calls = {k: set(v) for k, v in (fail_calls or {}).items()}
         self.error = error
         self.sessions: dict[str, ScriptedSession] = {}
 
     def __call__(self, role: str, session: Session) -> Session:
-        wrapped = ScriptedSession(session, self.delays.get(role, 0.0), self.fail_calls.get(role), self.error)
+        wrapped = ScriptedSession(session, self.delays.get(role, 0.0), self.fail_calls.get(role), self.error,
+                                  self.gates.get(role))
         self.sessions[role] = wrapped
         return wrapped
 
     def calls(self, role: str) -> int:
         return self.sessions[role].calls if role in self.sessions else 0
+
+    def open_gates(self) -> None:
+        for gate in self.gates.values():
+            gate.open()
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +164,20 @@ def settings_factory(demo_pack: Path, tmp_path: Path) -> Callable[..., Settings]
 
 
 @pytest.fixture()
-def wrap_factory() -> Callable[..., WrapRecorder]:
-    """WrapRecorder(delays={role: s}, fail_calls={role: {n}}) — a session wrapper for Engine."""
-    return WrapRecorder
+def wrap_factory() -> Iterator[Callable[..., WrapRecorder]]:
+    """WrapRecorder(delays={role: s}, fail_calls={role: {n}}, gated=(role,)) — a session wrapper for Engine.
+
+    Gates left closed by a failing test are opened at teardown so its engine can stop.
+    """
+    made: list[WrapRecorder] = []
+
+    def make(*args: Any, **kwargs: Any) -> WrapRecorder:
+        made.append(WrapRecorder(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for recorder in made:
+        recorder.open_gates()
 
 
 @pytest.fixture()

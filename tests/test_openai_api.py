@@ -172,7 +172,7 @@ def test_schema_errors_and_non_json_bodies_have_the_openai_shape(server):
 
 
 def test_not_ready_is_a_503_with_retry_after_in_openai_shape(settings_factory, demo_models):
-    settings = settings_factory()
+    settings = settings_factory(queue_timeout=0.1)  # generation routes wait this long for a load
     client = TestClient(create_app(settings, Engine(settings, models=demo_models)))  # lifespan not run
     for method, path, kwargs in (("POST", "/v1/images/generations", {"json": {"prompt": "x"}}),
                                  ("GET", "/v1/models", {})):

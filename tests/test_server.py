@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import httpx
+from conftest import HANG_S
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,7 +27,8 @@ def txt2img(url: str, timeout: float = 60, **fields) -> httpx.Response:
     return httpx.post(url + TXT2IMG, json=body, timeout=timeout)
 
 
-def wait_for(condition, timeout: float = 10.0, every: float = 0.01) -> None:
+def wait_for(condition, timeout: float = HANG_S, every: float = 0.01) -> None:
+    """Poll until `condition()`; the timeout only bounds a hang."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -34,139 +36,124 @@ def wait_for(condition, timeout: float = 10.0, every: float = 0.01) -> None:
 
 
 def progress(url: str) -> dict:
-    return httpx.get(url + "/sdapi/v1/progress", timeout=5).json()
+    return httpx.get(url + "/sdapi/v1/progress", timeout=HANG_S).json()
+
+
+def pending(url: str) -> dict:
+    return httpx.get(url + "/internal/pending-tasks", timeout=HANG_S).json()
 
 
 def test_twenty_clients_with_max_queue_four(live_server, settings_factory, wrap_factory):
-    wrap = wrap_factory(delays={"unet": 0.03})
+    wrap = wrap_factory(gated=("unet",))
     server = live_server(settings_factory(max_queue=4), wrap)
-
-    def call(i: int) -> tuple[httpx.Response, float]:
-        started = time.monotonic()
-        response = txt2img(server.url, seed=i)
-        return response, time.monotonic() - started
-
-    with ThreadPoolExecutor(20) as pool:
-        outcomes = list(pool.map(call, range(20)))
-    ok = [(r, s) for r, s in outcomes if r.status_code == 200]
-    refused = [(r, s) for r, s in outcomes if r.status_code == 503]
-    assert len(ok) + len(refused) == 20, [r.status_code for r, _ in outcomes]
-    assert 4 <= len(ok) < 20, "max_queue waiting (+ the running one) are accepted, not all 20"
-    assert all(len(r.json()["images"]) == 1 for r, _ in ok)
-    assert all(int(r.headers["Retry-After"]) >= 1 for r, _ in refused)
-    assert all("max_queue" in r.json()["detail"] for r, _ in refused)
-    assert max(s for _, s in refused) < min(s for _, s in ok)  # refused at once, not after a wait
-    assert wrap.calls("text_encoder") == len(ok)  # every accepted job ran, no refused one did
+    gate = wrap.gates["unet"]
+    pool = ThreadPoolExecutor(20)
+    first = pool.submit(txt2img, server.url, seed=0)
+    gate.wait_held()  # the first job is running and stays so until the gate opens
+    others = [pool.submit(txt2img, server.url, seed=i) for i in range(1, 20)]
+    wait_for(lambda: sum(f.done() for f in others) == 15 and pending(server.url)["size"] == 4)
+    refused = [f.result() for f in others if f.done()]  # answered while the running job is still held
+    assert gate.held and not first.done()
+    assert all(r.status_code == 503 for r in refused), [r.status_code for r in refused]
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)
+    assert all("max_queue" in r.json()["detail"] for r in refused)
+    gate.open()
+    ok = [first.result()] + [f.result() for f in others if f.result() not in refused]
+    assert [r.status_code for r in ok] == [200] * 5  # the running one + max_queue waiting
+    assert all(len(r.json()["images"]) == 1 for r in ok)
+    assert wrap.calls("text_encoder") == 5  # every accepted job ran, no refused one did
     assert txt2img(server.url).status_code == 200  # the worker still serves
 
 
-def test_progress_answers_fast_while_busy_and_idle_after(live_server, settings_factory, wrap_factory):
-    server = live_server(settings_factory(), wrap_factory(delays={"unet": 0.15}))
+def test_progress_answers_while_a_job_runs_and_idle_after(live_server, settings_factory, wrap_factory):
+    """/progress is answered while the NPU is provably busy (a UNet call held), and advances step by step."""
+    wrap = wrap_factory(gated=("unet",))
+    server = live_server(settings_factory(), wrap)
+    gate = wrap.gates["unet"]
     job = ThreadPoolExecutor(1).submit(txt2img, server.url, batch_size=2)
-    wait_for(lambda: progress(server.url)["state"]["job"] != "")
-    snapshots, latencies = [], []
-    with httpx.Client(base_url=server.url, timeout=5) as http:  # one keep-alive connection
-        http.get("/internal/ping")
-        while not job.done():
-            started = time.monotonic()
+    snapshots = []
+    with httpx.Client(base_url=server.url, timeout=HANG_S) as http:  # one keep-alive connection
+        for call in range(8):  # 2 images x 4 steps, one UNet pass each (cfg_scale 1)
+            gate.wait_held(passed=call)
             snapshots.append(http.get("/sdapi/v1/progress").json())
-            latencies.append(time.monotonic() - started)
-            time.sleep(0.03)
+            assert gate.held and not job.done()  # answered while the job waits on the NPU
+            gate.allow()
     assert job.result().status_code == 200
-    busy = [s for s in snapshots if s["state"]["job"]]
-    assert max(latencies) < 0.1, f"slowest /progress {max(latencies):.3f} s"
-    assert all(s["state"]["job_count"] == 2 and 0.01 <= s["progress"] <= 1 for s in busy)
-    steps_seen = [(s["state"]["job_no"], s["state"]["sampling_step"]) for s in busy]
-    assert steps_seen == sorted(steps_seen) and len(set(steps_seen)) >= 4  # advancing
+    assert all(s["state"]["job"] and s["state"]["job_count"] == 2 for s in snapshots)
+    assert all(0.01 <= s["progress"] <= 1 for s in snapshots)
+    steps_seen = [(s["state"]["job_no"], s["state"]["sampling_step"]) for s in snapshots]
+    assert steps_seen == sorted(steps_seen) and len(set(steps_seen)) >= 6  # advancing with the steps
+    assert {job_no for job_no, _ in steps_seen} == {0, 1}
     idle = progress(server.url)
     assert idle["progress"] == 0 and idle["state"]["job"] == "" and idle["state"]["job_count"] == 0
     assert "current_image" in idle and idle["current_image"] is None
 
 
-def hold_unet_call(wrap, call: int) -> tuple[threading.Event, threading.Event]:
-    """(entered, release): the UNet's run number `call` waits inside the step until `release` is set,
-    so a test acts while a step is known to be running, whatever the machine's load."""
-    session = wrap.sessions["unet"]
-    run, runs = session.run, [0]
-    entered, release = threading.Event(), threading.Event()
-
-    def held_run(feed):
-        runs[0] += 1
-        if runs[0] == call:
-            entered.set()
-            release.wait(60)
-        return run(feed)
-
-    session.run = held_run
-    return entered, release
-
-
 def test_interrupt_returns_early_and_skip_moves_on(live_server, settings_factory, wrap_factory):
-    wrap = wrap_factory()
+    wrap = wrap_factory(gated=("unet",))
     server = live_server(settings_factory(), wrap)
+    gate = wrap.gates["unet"]
     pool = ThreadPoolExecutor(1)
 
-    entered, release = hold_unet_call(wrap, 2)
     job = pool.submit(txt2img, server.url, batch_size=3)
-    assert entered.wait(60)
-    assert httpx.post(server.url + "/sdapi/v1/interrupt", timeout=5).json() == {}
-    release.set()
+    gate.allow()
+    gate.wait_held(passed=1)  # step 1 of image 1 done, step 2 waits
+    assert httpx.post(server.url + "/sdapi/v1/interrupt", timeout=HANG_S).json() == {}
+    gate.open()
     interrupted = job.result()
     assert interrupted.status_code == 200 and len(interrupted.json()["images"]) == 1
     assert wrap.calls("unet") == 2  # stopped after the step that was running; 3 images x 4 steps not run
 
+    gate.close()
     unet_before = wrap.calls("unet")
-    entered, release = hold_unet_call(wrap, 2)
     job = pool.submit(txt2img, server.url, batch_size=2)
-    assert entered.wait(60)
-    assert httpx.post(server.url + "/sdapi/v1/skip", timeout=5).json() is None
-    release.set()
+    gate.allow()
+    gate.wait_held(passed=unet_before + 1)  # image 1 is mid-sampling
+    assert httpx.post(server.url + "/sdapi/v1/skip", timeout=HANG_S).json() is None
+    gate.open()
     skipped = job.result()
     assert skipped.status_code == 200 and len(skipped.json()["images"]) == 2
     assert wrap.calls("unet") - unet_before == 2 + 4  # the first image stopped early, the second ran
 
 
 def test_disconnected_queued_client_never_runs(live_server, settings_factory, wrap_factory):
-    wrap = wrap_factory()
+    wrap = wrap_factory(gated=("unet",))
     server = live_server(settings_factory(), wrap)
-    entered, release = hold_unet_call(wrap, 1)  # the first job runs until the queued one was dropped
     running = ThreadPoolExecutor(1).submit(txt2img, server.url)
-    assert entered.wait(60)
+    wrap.gates["unet"].wait_held()  # the first job runs until the queued client has gone
 
     body = json.dumps({"prompt": "never run", "steps": 4}).encode()
     address = urlparse(server.url)
     with socket.create_connection((address.hostname, address.port)) as raw:
         head = f"POST {TXT2IMG} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         raw.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        wait_for(lambda: httpx.get(server.url + "/internal/pending-tasks", timeout=5).json()["size"] == 1,
-                 timeout=60)
-    wait_for(lambda: server.engine.jobs_dropped == 1, timeout=60)
-    release.set()
+        wait_for(lambda: pending(server.url)["size"] == 1)
+    wait_for(lambda: server.engine.jobs_dropped == 1)
+    assert pending(server.url)["size"] == 0 and wrap.gates["unet"].held  # dropped while still queued
+    wrap.gates["unet"].open()
     assert running.result().status_code == 200
     assert txt2img(server.url).status_code == 200
     assert wrap.calls("text_encoder") == 2  # the first job and the last one; the dropped one never ran
 
 
 def test_per_task_progress_reports_queue_position(live_server, settings_factory, wrap_factory):
-    wrap = wrap_factory()
+    wrap = wrap_factory(gated=("unet",))
     server = live_server(settings_factory(), wrap)
     pool = ThreadPoolExecutor(2)
-    entered, release = hold_unet_call(wrap, 1)  # the first job runs until the checks are done
     first = pool.submit(txt2img, server.url, force_task_id="task(first)")
-    assert entered.wait(60)
+    wrap.gates["unet"].wait_held()  # the first job is running
     second = pool.submit(txt2img, server.url, force_task_id="task(second)")
-    pending = lambda: httpx.get(server.url + "/internal/pending-tasks", timeout=5).json()  # noqa: E731
-    wait_for(lambda: pending()["size"] == 1, timeout=60)
-    assert pending() == {"size": 1, "tasks": ["task(second)"]}
+    wait_for(lambda: pending(server.url)["size"] == 1)
+    assert pending(server.url) == {"size": 1, "tasks": ["task(second)"]}
 
     def task(id_task: str) -> dict:
-        return httpx.post(server.url + "/internal/progress", json={"id_task": id_task}, timeout=5).json()
+        return httpx.post(server.url + "/internal/progress", json={"id_task": id_task}, timeout=HANG_S).json()
 
     waiting, active = task("task(second)"), task("task(first)")
     assert waiting["queued"] and not waiting["active"] and waiting["queue_position"] == 0
     assert "In queue: 1/1" in waiting["textinfo"]
     assert active["active"] and 0 <= active["progress"] <= 1
-    release.set()
+    wrap.open_gates()
     assert first.result().status_code == 200 and second.result().status_code == 200
     assert task("task(second)")["completed"]
 
@@ -265,7 +252,7 @@ def loading_client(demo_models, settings):
 
     class SlowLoadingEngine(Engine):
         def start(self) -> None:
-            release.wait(10)
+            release.wait(HANG_S)
             super().start()
 
     engine = SlowLoadingEngine(settings, models=demo_models)
@@ -273,18 +260,15 @@ def loading_client(demo_models, settings):
 
 
 def test_server_answers_while_models_load_in_the_background(demo_models, settings_factory):
-    """While the models load (≈15 s on the NPU) health is 503 "starting" and jobs get 503 + Retry-After."""
+    """While the models load (≈15 s on the NPU) health is 503 "starting"; progress answers at once.
+    (Generation requests wait for the load: tests/test_hardening_service.py.)"""
     client, release = loading_client(demo_models, settings_factory())
     with client:
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "starting"
-        busy = client.post("/generate", json={"mode": "txt2img", "prompt": "a fox"})
-        assert busy.status_code == 503 and busy.headers["Retry-After"]
         assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
         release.set()
-        deadline = time.monotonic() + 10
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: client.get("/health").status_code == 200)
         done = client.post("/generate", json={"mode": "txt2img", "prompt": "a fox", "seed": 1})
         assert done.status_code == 200 and done.json()["status"] == "ok"
 
@@ -308,12 +292,10 @@ def test_log_redaction_covers_image_fields_of_any_length_and_nested_values():
 
 
 def test_every_route_gives_the_one_not_ready_answer_while_loading(demo_models, settings_factory):
-    """Generation, options and /capabilities answer the same 503 + Retry-After, each in its route's shape."""
+    """Options and /capabilities answer the same 503 + Retry-After at once (generation waits instead)."""
     client, release = loading_client(demo_models, settings_factory())
     with client:
         answers = {
-            "generate": client.post("/generate", json={"mode": "txt2img", "prompt": "a fox"}),
-            "txt2img": client.post("/sdapi/v1/txt2img", json={"prompt": "a fox"}),
             "options": client.get("/sdapi/v1/options"),
             "set options": client.post("/sdapi/v1/options", json={"jpeg_quality": 90}),
             "capabilities": client.get("/capabilities"),
@@ -325,7 +307,6 @@ def test_every_route_gives_the_one_not_ready_answer_while_loading(demo_models, s
     assert {name: (r.status_code, r.headers.get("Retry-After")) for name, r in answers.items()} == {
         name: (503, "5") for name in answers
     }
-    assert answers["generate"].json() == {"status": "error", "error": "Models are still loading"}
-    for name in ("txt2img", "options", "set options", "capabilities"):
+    for name in ("options", "set options", "capabilities"):
         body = answers[name].json()
         assert (body["error"], body["detail"]) == ("NotReadyError", "Models are still loading"), name

@@ -13,26 +13,31 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import HANG_S
 
 pytestmark = pytest.mark.slow
 
 SERVER_SCRIPT = textwrap.dedent(
     """
     import sys, time
+    from pathlib import Path
     from pi_axera_sd_service.api.server import run_server
     from pi_axera_sd_service.settings import Settings
 
-    class Slow:
-        def __init__(self, inner, delay):
-            self.inner, self.delay = inner, delay
+    class Gated:
+        # each UNet call waits until the test creates the release file (60 s at most)
+        def __init__(self, inner, release):
+            self.inner, self.release = inner, release
             self.path, self.backend = inner.path, inner.backend
             self.inputs, self.outputs = inner.inputs, inner.outputs
         def run(self, feed):
-            time.sleep(self.delay)
+            deadline = time.monotonic() + 60
+            while not self.release.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
             return self.inner.run(feed)
 
     def wrap(role, session):
-        return Slow(session, float(sys.argv[3]) if role == "unet" else 0.0)
+        return Gated(session, Path(sys.argv[3])) if role == "unet" else session
 
     settings = Settings(model_dir=sys.argv[1], backend="onnxruntime", port=int(sys.argv[2]),
                         host="127.0.0.1", state_dir=sys.argv[4], cache_dir=sys.argv[4], api_auth=None)
@@ -47,14 +52,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(demo_pack: Path, tmp_path: Path, unet_delay: float) -> tuple[subprocess.Popen, str]:
+def start_server(demo_pack: Path, tmp_path: Path, release: Path) -> tuple[subprocess.Popen, str]:
+    """The server in a subprocess; its UNet calls are held until `release` exists."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SCRIPT, str(demo_pack), str(port), str(unet_delay), str(tmp_path)],
+        [sys.executable, "-c", SERVER_SCRIPT, str(demo_pack), str(port), str(release), str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
@@ -66,28 +72,39 @@ def start_server(demo_pack: Path, tmp_path: Path, unet_delay: float) -> tuple[su
 
 
 def test_sigterm_finishes_running_job_503s_queued_and_exits_zero(demo_pack: Path, tmp_path: Path):
-    proc, url = start_server(demo_pack, tmp_path, unet_delay=0.4)
+    release = tmp_path / "release-unet"
+    proc, url = start_server(demo_pack, tmp_path, release)
     responses: dict[str, httpx.Response] = {}
 
     def post(name: str) -> None:
-        responses[name] = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": name, "steps": 4}, timeout=30)
+        body = {"prompt": name, "steps": 4}
+        responses[name] = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=HANG_S)
 
-    running = threading.Thread(target=post, args=("running",))
-    running.start()
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{url}/sdapi/v1/progress", timeout=5).json()["state"]["job"] == "":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    queued = threading.Thread(target=post, args=("queued",))
-    queued.start()
-    while httpx.get(f"{url}/internal/pending-tasks", timeout=5).json()["size"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + HANG_S  # bounds a hang only
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
 
-    proc.send_signal(signal.SIGTERM)
-    queued.join(timeout=10)
-    running.join(timeout=30)
-    output = proc.communicate(timeout=30)[0]
+    try:
+        running = threading.Thread(target=post, args=("running",))
+        running.start()  # its first UNet call is held until the release file exists
+        wait_for(lambda: httpx.get(f"{url}/sdapi/v1/progress", timeout=HANG_S).json()["state"]["job"] != "")
+        queued = threading.Thread(target=post, args=("queued",))
+        queued.start()
+        wait_for(lambda: httpx.get(f"{url}/internal/pending-tasks", timeout=HANG_S).json()["size"] == 1)
+
+        proc.send_signal(signal.SIGTERM)
+        queued.join(timeout=HANG_S)
+        assert "queued" in responses and running.is_alive()  # answered while the running job is still held
+        release.touch()
+        running.join(timeout=HANG_S)
+        output = proc.communicate(timeout=HANG_S)[0]
+    finally:  # a failed step leaves no server behind
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     assert proc.returncode == 0, output
     assert responses["queued"].status_code == 503

@@ -106,7 +106,8 @@ def create_app(
     """The service app. The lifespan loads the models (unless the engine is already running).
 
     With `load_in_background` the server answers at once while the models load (≈15 s on the NPU):
-    /health says "starting" (503) and generation routes answer 503 with Retry-After until ready.
+    /health says "starting" (503), generation requests wait for the load (up to queue_timeout) and
+    options answer 503 with Retry-After until ready (api/deps.py).
     """
     engine = engine or Engine(settings)
 

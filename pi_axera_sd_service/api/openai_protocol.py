@@ -82,6 +82,20 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx)")
+    param: str | None = Field(None, description="the OpenAI request field at fault")
+    code: str | None = Field(None, description="invalid_value, unsupported_value, invalid_api_key, "
+                                               "or the 5xx cause")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error under /v1/ (OpenAI's shape): client errors are 400s naming `param`."""
+
+    error: OpenAIErrorDetail
+
+
 def openai_error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, ValidationError, ValidationInfo
 
 from ..pipeline.prompt_parser import check_prompt_text
 from ..service.capabilities import DEFAULT_DENOISING_STRENGTH
@@ -263,3 +263,114 @@ class PNGInfoResponse(BaseModel):
     info: str
     items: dict[str, Any]
     parameters: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- error bodies (OpenAPI)
+class A1111ErrorBody(BaseModel):
+    """A1111's error body (its `handle_exception`): every error of /sdapi, /capabilities, /internal,
+    and the 401/413 the middlewares send on any route."""
+
+    error: str = Field(description="the exception's name, e.g. HTTPException, NotReadyError")
+    detail: Any = Field(description="the message for the client (a string)")
+    body: Any = ""
+    errors: str = Field(description='"<status>: <detail>"')
+
+
+class GenerateErrorBody(BaseModel):
+    """The upstream /generate error body: every client error is a 400, server faults keep their 5xx."""
+
+    status: str = Field(description='always "error"')
+    error: str
+
+
+class FieldErrorsBody(BaseModel):
+    """FastAPI's 422 for a body or query that does not fit the route's model."""
+
+    detail: list[dict[str, Any]]
+
+
+class HTTPErrorBody(BaseModel):
+    """FastAPI's body for an HTTP error outside /sdapi (e.g. a body that is not JSON: 400)."""
+
+    detail: Any
+
+
+class UnprocessableBody(RootModel[A1111ErrorBody | FieldErrorsBody]):
+    """A 422: the capability table refused a value (A1111's body), or the body does not fit the
+    route's model (FastAPI's `{"detail": [...]}`)."""
+
+
+class HealthBody(BaseModel):
+    """GET /health: 200 with status "ok"; 503 with the same body otherwise (starting, load_failed,
+    device_lost, worker_dead, shutting_down) and `detail` saying why."""
+
+    status: str
+    backend: str | None
+    model: str | None
+    queue_depth: int
+    busy: bool
+    uptime_s: float
+    detail: str | None = None
+
+
+ERROR_MEANINGS = {
+    400: "A field value is invalid (the message names the field)",
+    401: "Missing or wrong Basic credentials (only with api_auth)",
+    404: "Init image not found (img2img without init_images)",
+    408: "The body did not arrive within body_timeout",
+    413: "The body is larger than max_body_bytes",
+    422: "The capability table refused a value, or the body does not fit the model",
+    500: "A model stage failed, or the server's storage could not be written (the message says which)",
+    501: "Not available with the loaded models",
+    503: "Not ready, queue full or timed out, stopping, or the NPU is lost (Retry-After when known)",
+}
+
+
+def error_responses(*statuses: int, model: type[BaseModel] = A1111ErrorBody) -> dict[int | str, Any]:
+    """`responses=` for a route: each status with its meaning and error body model."""
+    return {status: {"model": UnprocessableBody if status == 422 else model,
+                     "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+# ---------------------------------------------------------------------------- interrogate
+class InterrogateRequest(_Lenient):
+    """A1111's `{image, model}` (image: raw base64 or a data URI; model: `clip`, the one served)."""
+
+    image: Any = None
+    model: Any = "clip"
+
+
+class TagScoreItem(BaseModel):
+    tag: str
+    score: float
+
+
+class InterrogateResponse(BaseModel):
+    """A1111's `{caption}` plus the upstream service's scored tags; `tags_complete: false` and
+    `tags_prepared: "ready/total"` only while the tag-list embeddings are still being built."""
+
+    caption: str
+    interrogations: list[TagScoreItem]
+    tags_complete: bool | None = None
+    tags_prepared: str | None = None
+
+
+class StructuredInterrogateRequest(_Lenient):
+    """The upstream service's `{image, categories: {name: [labels]}}`."""
+
+    image: Any = None
+    categories: Any = None
+
+
+class CategoryWinner(BaseModel):
+    winner: str
+    confidence: float
+
+
+class StructuredInterrogateResponse(BaseModel):
+    """Winner and softmax confidence per category, and the general tags of the tag list."""
+
+    results: dict[str, CategoryWinner]
+    general_tags: list[str]
+    tags_complete: bool | None = None
+    tags_prepared: str | None = None

@@ -145,7 +145,7 @@ class Pipeline:
         for i, t in enumerate(timesteps):
             with timer("text"):
                 conds, uncond = conditioner.conds_at(plan, i + 1)  # 1-based step
-            time_row = time.row(t)
+            time_row = self.models.time_input(t)
             with timer(f"unet_step_{i + 1}", "unet_total"):
                 if guidance:
                     eps_uncond = self.unet.predict(x, time_row, uncond)

@@ -12,6 +12,8 @@ import contextlib
 import io
 import math
 import re
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -24,6 +26,8 @@ _ASCII_PREFIX = b"ASCII\x00\x00\x00"
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _BACKGROUND = (255, 255, 255)
 JPEG_MAX_EXIF = 65533  # bytes in one APP1 segment (PIL refuses more)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_FILTER_UP = 2
 
 
 class ImageDecodeError(ValueError):
@@ -226,6 +230,8 @@ def encode_image(
     """Encode as png/jpeg/webp; the infotext goes into PNG `parameters` or EXIF UserComment."""
     fmt = fmt.lower()
     buf = io.BytesIO()
+    if fmt == "png" and img.mode == "RGB":
+        return encode_png_rgb(img, infotext, png_compress_level)
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
         if infotext:
@@ -243,6 +249,34 @@ def encode_image(
     else:
         raise ValueError(f"unsupported image format {fmt!r} (png, jpeg, webp)")
     return buf.getvalue()
+
+
+def encode_png_rgb(img: Image.Image, infotext: str | None = None, compress_level: int = 1) -> bytes:
+    """An 8-bit RGB PNG with the infotext as PIL writes it (tEXt `parameters`, iTXt when not latin-1).
+
+    About twice as fast as PIL's encoder at the same size: every row uses the PNG "Up" filter
+    (computed with numpy) and the rows go through one zlib call. The pixels are the same; the file
+    bytes differ from PIL's (PIL picks a filter per row)."""
+    pixels = np.asarray(img, dtype=np.uint8)
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    filtered[:, 0] = PNG_FILTER_UP
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])   # uint8: wraps modulo 256 as PNG wants
+    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))]
+    if infotext:
+        try:
+            chunks.append(_png_chunk(b"tEXt", b"parameters\0" + infotext.encode("latin-1")))
+        except UnicodeEncodeError:
+            chunks.append(_png_chunk(b"iTXt", b"parameters\0\0\0\0\0" + infotext.encode("utf-8")))
+    chunks.append(_png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), compress_level)))
+    chunks.append(_png_chunk(b"IEND", b""))
+    return PNG_SIGNATURE + b"".join(chunks)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _exif_with_comment(text: str, max_bytes: int | None = None) -> bytes:

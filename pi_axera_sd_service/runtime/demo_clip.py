@@ -30,7 +30,7 @@ from .clip_models import (
     VISION_WIDTH,
     VISUAL_PROJECTION_FILE,
 )
-from .demo_pack import _f32, _Graph
+from .demo_graph import Graph, f32
 
 SEED = 20240616
 VISION_TOKENS = 50  # 7x7 patches + class token, as ViT-B/32 at 224
@@ -69,13 +69,13 @@ def _signed_selection(rng: np.random.Generator, rows: int) -> np.ndarray:
 
 
 def _vision(refs: np.ndarray, mixing: np.ndarray):
-    g = _Graph()
+    g = Graph()
     mean = g.op("ReduceMean", "pixel_values", axes=[2, 3], keepdims=0)  # [1,3], normalised units
-    rgb = g.op("Add", g.op("Mul", mean, g.const(_f32(CLIP_STD))), g.const(_f32(CLIP_MEAN)))
-    diff = g.op("Sub", g.op("Unsqueeze", rgb, g.const(np.array([1], np.int64))), g.const(_f32(refs)))
+    rgb = g.op("Add", g.op("Mul", mean, g.const(f32(CLIP_STD))), g.const(f32(CLIP_MEAN)))
+    diff = g.op("Sub", g.op("Unsqueeze", rgb, g.const(np.array([1], np.int64))), g.const(f32(refs)))
     distance2 = g.op("ReduceSum", g.op("Mul", diff, diff), g.const(np.array([2], np.int64)), keepdims=0)
-    similarity = g.op("Exp", g.op("Mul", distance2, g.const(_f32(-0.5 / KERNEL_WIDTH**2))))  # [1,K]
-    pooled = g.op("MatMul", similarity, g.const(_f32(mixing)), out="pooler_output")
+    similarity = g.op("Exp", g.op("Mul", distance2, g.const(f32(-0.5 / KERNEL_WIDTH**2))))  # [1,K]
+    pooled = g.op("MatMul", similarity, g.const(f32(mixing)), out="pooler_output")
     shape = np.array([1, VISION_TOKENS, VISION_WIDTH], np.int64)
     g.op("Expand", g.op("Unsqueeze", pooled, g.const(np.array([1], np.int64))), g.const(shape),
          out="last_hidden_state")
@@ -87,7 +87,7 @@ def _vision(refs: np.ndarray, mixing: np.ndarray):
 
 
 def _text(table: np.ndarray):
-    g = _Graph()
+    g = Graph()
     ids = g.op("Cast", "input_ids", to=g.onnx.TensorProto.INT64)
     hidden = g.op("Gather", g.const(table), ids, axis=0, out="last_hidden_state")  # [1,77,512]
     g.op("ReduceSum", hidden, g.const(np.array([1], np.int64)), keepdims=0, out="pooler_output")
@@ -119,7 +119,7 @@ def write_demo_clip(folder: Path) -> None:
     mixing = directions[: len(COLOURS)] @ visual_projection.T  # [colours,768]: pooled @ P_v = colour dirs
     refs = np.array(list(COLOURS.values()))
     onnx.save_model(_vision(refs, mixing), str(folder / f"{VISION_FILE}.onnx"))
-    onnx.save_model(_text(_f32(table)), str(folder / f"{TEXT_FILE}.onnx"))
-    np.save(folder / VISUAL_PROJECTION_FILE, _f32(visual_projection))
-    np.save(folder / TEXT_PROJECTION_FILE, _f32(text_projection))
+    onnx.save_model(_text(f32(table)), str(folder / f"{TEXT_FILE}.onnx"))
+    np.save(folder / VISUAL_PROJECTION_FILE, f32(visual_projection))
+    np.save(folder / TEXT_PROJECTION_FILE, f32(text_projection))
     (folder / TAGS_FILE).write_text("\n".join(DEMO_TAGS) + "\n", encoding="utf-8")

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from .contract import NUM_TRAIN_TIMESTEPS, TIMESTEPS
+from .demo_clip import write_demo_clip
+from .demo_graph import Graph, f32
 from .demo_tokenizer import write_tokenizer
 
 PACK_VERSION = 1
-OPSET = 17
 SEED = 20240615
 LATENT_HW = 64
 CONTEXT_LEN, CONTEXT_DIM, TIME_DIM = 77, 768, 1280
@@ -38,56 +39,6 @@ VAE_SCALE = 0.18215
 N_PATTERNS = 32
 LCM_SKIP = 20  # LCM-LoRA's skeleton: t = 20k - 1 (1000 // original_inference_steps 50)
 UNET_TIME_INPUT = "/down_blocks.0/resnets.0/act_1/Mul_output_0"
-
-# --- graph building ------------------------------------------------------------------------------
-
-
-class _Graph:
-    """A few helpers over onnx.helper so each model reads as a list of ops."""
-
-    def __init__(self) -> None:
-        import onnx  # imported here: only the CPU/demo path needs it
-
-        self.onnx = onnx
-        self.nodes: list = []
-        self.initializers: list = []
-        self._count = 0
-
-    def const(self, array: np.ndarray, name: str | None = None) -> str:
-        name = name or f"const_{len(self.initializers)}"
-        self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: object) -> str:
-        self._count += 1
-        out = out or f"{op_type.lower()}_{self._count}"
-        self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), [out], **attrs))
-        return out
-
-    def model(
-        self, name: str, inputs: list[tuple[str, int, list[int]]], outputs: list[tuple[str, list[int]]]
-    ):
-        helper, tp = self.onnx.helper, self.onnx.TensorProto
-        graph = helper.make_graph(
-            self.nodes,
-            name,
-            [helper.make_tensor_value_info(n, dtype, shape) for n, dtype, shape in inputs],
-            [helper.make_tensor_value_info(n, tp.FLOAT, shape) for n, shape in outputs],
-            self.initializers,
-        )
-        model = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            producer_name="pi_axera_sd_service demo pack",
-        )
-        model.ir_version = 8
-        self.onnx.checker.check_model(model)
-        return model
-
-
-def _f32(array: np.ndarray) -> np.ndarray:
-    return np.asarray(array, dtype=np.float32)
-
 
 def alphas_cumprod() -> np.ndarray:
     """SD1.5 scaled-linear schedule (float32, 1000 values)."""
@@ -101,11 +52,11 @@ def time_table() -> np.ndarray:
     freqs = np.exp(-np.log(10000.0) * np.arange(half) / half)
     angles = np.arange(NUM_TRAIN_TIMESTEPS, dtype=np.float64)[:, None] * freqs[None, :]
     emb = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
-    return _f32(emb / (1.0 + np.exp(-emb)))
+    return f32(emb / (1.0 + np.exp(-emb)))
 
 
 def _causal_mean() -> np.ndarray:
-    return _f32(np.tril(np.ones((CONTEXT_LEN, CONTEXT_LEN))) / np.arange(1, CONTEXT_LEN + 1)[:, None])
+    return f32(np.tril(np.ones((CONTEXT_LEN, CONTEXT_LEN))) / np.arange(1, CONTEXT_LEN + 1)[:, None])
 
 
 def _encode_in_numpy(ids: np.ndarray, token_table: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -117,7 +68,7 @@ def _encode_in_numpy(ids: np.ndarray, token_table: np.ndarray, positions: np.nda
 
 
 def _text_encoder(vocab_size: int, token_table: np.ndarray, positions: np.ndarray):
-    g = _Graph()
+    g = Graph()
     ids = g.op("Mod", "input_ids", g.const(np.array(vocab_size, dtype=np.int64)))
     tokens = g.op("Gather", g.const(token_table), ids, axis=0)
     hidden = g.op("Add", tokens, g.const(positions))
@@ -158,7 +109,7 @@ def _patterns(rng: np.random.Generator) -> np.ndarray:
         colour = rng.normal(0, 1, (4, 1, 1))
         pattern = colour * field[None]
         patterns.append((pattern - pattern.mean()) / pattern.std())
-    return _f32(np.stack(patterns).reshape(N_PATTERNS, -1))
+    return f32(np.stack(patterns).reshape(N_PATTERNS, -1))
 
 
 # Per-band prior variances of the UNet's Wiener-style denoiser (how much of the sample it keeps).
@@ -179,41 +130,41 @@ def _typical_context(vocab_size: int, token_table: np.ndarray, positions: np.nda
 
 
 def _unet(rng: np.random.Generator, table: np.ndarray, typical_context: np.ndarray):
-    g = _Graph()
+    g = Graph()
     sample, time, context = "sample", UNET_TIME_INPUT, "encoder_hidden_states"
     # sqrt(alpha_bar_t) read off the time row by a least-squares linear probe of the skeleton rows.
     skeleton = np.arange(LCM_SKIP - 1, NUM_TRAIN_TIMESTEPS, LCM_SKIP)
     target = np.sqrt(alphas_cumprod()[skeleton]).astype(np.float64)
     probe = np.linalg.lstsq(table[skeleton].astype(np.float64), target, rcond=None)[0]
     s = g.op(
-        "Clip", g.op("MatMul", time, g.const(_f32(probe[:, None]))), g.const(_f32(0.02)), g.const(_f32(0.98))
+        "Clip", g.op("MatMul", time, g.const(f32(probe[:, None]))), g.const(f32(0.02)), g.const(f32(0.98))
     )
-    one = g.const(_f32(1.0))
+    one = g.const(f32(1.0))
     one_minus_s2 = g.op("Sub", one, g.op("Mul", s, s))
     # Prompt -> pattern mix: position-weighted pooling (early tokens count most), projection, normalise.
     position_weight = np.exp(-np.arange(CONTEXT_LEN) / 12.0)
     position_weight[0] = 0.0  # BOS is the same for every prompt
-    pooled = g.op("MatMul", g.const(_f32(position_weight[None, :])), context)  # [1,1,768]
-    pooled = g.op("Sub", pooled, g.const(_f32(position_weight @ typical_context)))  # keep what differs
-    coeffs = g.op("MatMul", pooled, g.const(_f32(rng.normal(0, 1, (CONTEXT_DIM, N_PATTERNS)))))
+    pooled = g.op("MatMul", g.const(f32(position_weight[None, :])), context)  # [1,1,768]
+    pooled = g.op("Sub", pooled, g.const(f32(position_weight @ typical_context)))  # keep what differs
+    coeffs = g.op("MatMul", pooled, g.const(f32(rng.normal(0, 1, (CONTEXT_DIM, N_PATTERNS)))))
 
     def normalised(vector: str) -> str:
         mean_square = g.op("ReduceMean", g.op("Mul", vector, vector), axes=[-1])
-        return g.op("Div", vector, g.op("Sqrt", g.op("Add", mean_square, g.const(_f32(1e-6)))))
+        return g.op("Div", vector, g.op("Sqrt", g.op("Add", mean_square, g.const(f32(1e-6)))))
 
     coeffs = normalised(coeffs)
     coeffs = normalised(g.op("Mul", coeffs, g.op("Abs", coeffs)))  # sharpen: a few patterns dominate
     scale = PATTERN_SCALE / np.sqrt(N_PATTERNS)
-    mix = g.op("MatMul", g.op("Mul", coeffs, g.const(_f32(scale))), g.const(_patterns(rng)))
+    mix = g.op("MatMul", g.op("Mul", coeffs, g.const(f32(scale))), g.const(_patterns(rng)))
     mu = g.op("Reshape", mix, g.const(np.array([1, 4, LATENT_HW, LATENT_HW], np.int64)))
     # Wiener-style x0 guess: mu + gain_low * lowpass(residual) + gain_high * highpass(residual).
     residual = g.op("Sub", sample, g.op("Mul", s, mu))
     pooled_res = g.op("AveragePool", residual, kernel_shape=[4, 4], strides=[4, 4])
-    low = g.op("Resize", pooled_res, "", g.const(_f32([1, 1, 4, 4])), mode="linear")
+    low = g.op("Resize", pooled_res, "", g.const(f32([1, 1, 4, 4])), mode="linear")
     high = g.op("Sub", residual, low)
 
     def gain(variance: float) -> str:
-        v = g.const(_f32(variance))
+        v = g.const(f32(variance))
         return g.op("Div", g.op("Mul", s, v), g.op("Add", g.op("Mul", g.op("Mul", s, s), v), one_minus_s2))
 
     x0 = g.op(
@@ -231,9 +182,9 @@ def _unet(rng: np.random.Generator, table: np.ndarray, typical_context: np.ndarr
 
 
 def _vae_decoder(weight: np.ndarray, bias: np.ndarray):
-    g = _Graph()
-    conv = g.op("Conv", "x", g.const(_f32(weight[:, :, None, None])), g.const(_f32(bias)))
-    up = g.op("Resize", g.op("Tanh", conv), "", g.const(_f32([1, 1, 8, 8])), mode="linear")
+    g = Graph()
+    conv = g.op("Conv", "x", g.const(f32(weight[:, :, None, None])), g.const(f32(bias)))
+    up = g.op("Resize", g.op("Tanh", conv), "", g.const(f32([1, 1, 8, 8])), mode="linear")
     g.op("Identity", up, out="sample")
     size = LATENT_HW * 8
     return g.model(
@@ -245,13 +196,13 @@ def _vae_decoder(weight: np.ndarray, bias: np.ndarray):
 
 def _vae_encoder(weight: np.ndarray, bias: np.ndarray):
     """Mean = the decoder input that reproduces the 8x8-averaged image; logvar = -6."""
-    g = _Graph()
+    g = Graph()
     inverse = np.linalg.pinv(weight.astype(np.float64))  # [4,3]
     pooled = g.op("AveragePool", "image_sample", kernel_shape=[8, 8], strides=[8, 8])
-    pre_tanh = g.op("Atanh", g.op("Clip", pooled, g.const(_f32(-0.995)), g.const(_f32(0.995))))
+    pre_tanh = g.op("Atanh", g.op("Clip", pooled, g.const(f32(-0.995)), g.const(f32(0.995))))
     conv_weight = np.concatenate([inverse, np.zeros((4, 3))])[:, :, None, None]
     conv_bias = np.concatenate([-inverse @ bias, np.full(4, -6.0)])
-    g.op("Conv", pre_tanh, g.const(_f32(conv_weight)), g.const(_f32(conv_bias)), out="latent_sample")
+    g.op("Conv", pre_tanh, g.const(f32(conv_weight)), g.const(f32(conv_bias)), out="latent_sample")
     size = LATENT_HW * 8
     return g.model(
         "demo_vae_encoder",
@@ -277,8 +228,8 @@ def make_demo_pack(folder: Path) -> Path:
     orthonormal_rows = np.linalg.qr(rng.normal(0, 1, (4, 3)))[0].T  # [3,4]: every colour reachable
     decoder_weight = orthonormal_rows * DECODER_GAIN * VAE_SCALE  # acts on latent / 0.18215
     decoder_bias = np.array([0.15, 0.0, -0.1])  # a little warm
-    token_table = _f32(rng.normal(0, 1, (vocab_size, CONTEXT_DIM)))
-    positions = _f32(rng.normal(0, 0.5, (CONTEXT_LEN, CONTEXT_DIM)))
+    token_table = f32(rng.normal(0, 1, (vocab_size, CONTEXT_DIM)))
+    positions = f32(rng.normal(0, 0.5, (CONTEXT_LEN, CONTEXT_DIM)))
     typical_context = _typical_context(vocab_size, token_table, positions)
     models = {
         "text_encoder/sd15_text_encoder_sim.onnx": _text_encoder(vocab_size, token_table, positions),
@@ -288,14 +239,14 @@ def make_demo_pack(folder: Path) -> Path:
     }
     for relative, model in models.items():
         onnx.save_model(model, str(folder / relative))
-    from .demo_clip import write_demo_clip  # here: demo_clip builds on this module's helpers
 
     write_demo_clip(folder)
     return folder
 
 
 GENERATOR_SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("demo_pack.py", "demo_tokenizer.py", "demo_clip.py")
+    Path(__file__).with_name(name)
+    for name in ("demo_pack.py", "demo_graph.py", "demo_tokenizer.py", "demo_clip.py")
 )
 
 

@@ -270,8 +270,9 @@ def count_devices(backend: str) -> int | None:
 # --- loading --------------------------------------------------------------------------------------
 
 
-def open_session(path: Path, backend: str, device_id: int = 0) -> Session:
-    """One Session on the given backend (ModelLoadError when the file is missing or unloadable)."""
+def open_session(path: Path, backend: str, device_id: int = 0, lean_memory: bool = False) -> Session:
+    """One Session on the given backend (ModelLoadError when the file is missing or unloadable);
+    `lean_memory`: onnxruntime without its memory arena."""
     path = Path(path)
     if not path.is_file():
         raise missing_file_error(path)
@@ -282,15 +283,15 @@ def open_session(path: Path, backend: str, device_id: int = 0) -> Session:
     if backend == "onnxruntime":
         from .onnx_backend import OnnxSession
 
-        return OnnxSession(path)
+        return OnnxSession(path, memory_arena=not lean_memory)
     raise ModelLoadError(f"unknown backend {backend!r}", path)
 
 
-def open_model(role: str, path: Path, backend: str, device_id: int = 0) -> Session:
+def open_model(role: str, path: Path, backend: str, device_id: int = 0, lean_memory: bool = False) -> Session:
     """open_session for one role of the model set: a text encoder axengine cannot read is refused
     with the contract's words (pyaxengine only says "Unsupported data type")."""
     try:
-        return open_session(path, backend, device_id)
+        return open_session(path, backend, device_id, lean_memory)
     except ModelLoadError as exc:
         from .axengine_backend import UnsupportedTensorTypeError
 
@@ -317,6 +318,7 @@ def load_models(
     device_id: int = 0,
     wrap: Wrap | None = None,
     cache_dir: Path | None = None,
+    lean_memory: bool = False,
 ) -> LoadedModels:
     """Load every model, check it against the contract, read the time rows (ModelLoadError on any fault).
 
@@ -332,7 +334,7 @@ def load_models(
     check_device(backend, device_id)
 
     def load(role: str, path: Path) -> Session:
-        session = open_model(role, path, backend, device_id)
+        session = open_model(role, path, backend, device_id, lean_memory)
         return wrap(role, session) if wrap is not None else session
 
     text_encoder = load("text_encoder", files.text_encoder)

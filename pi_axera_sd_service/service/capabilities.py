@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from ..pipeline.images import resize_image
-from ..pipeline.scheduler import img2img_timesteps, txt2img_timesteps
+from ..pipeline.scheduler import img2img_timesteps, max_schedule_steps, txt2img_timesteps
+from ..runtime.contract import NUM_TRAIN_TIMESTEPS, TIMESTEPS
 from ..settings import Settings
 from .errors import CapabilityError, RequestError
 from .options import WRITABLE_DEFAULTS, OptionsStore, known_option, validate_option
@@ -41,7 +42,6 @@ MIN_DENOISING_STRENGTH = 0.01
 DEFAULT_DENOISING_STRENGTH = 0.75   # A1111's, for img2img requests that leave it out
 SEED_RANGE = 2**32
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill (edges stretched)"}
-MAX_STEPS = 4
 NO_STYLE_NAMES = {"", "none"}  # what clients send for "no style" (AIYA: "None")
 
 
@@ -66,7 +66,8 @@ class CapabilityTable:
     """Everything the loaded models and the settings allow, plus the policy for everything else."""
 
     image_size: tuple[int, int]
-    timesteps: tuple[int, ...]
+    time_table: bool        # the models have a time row for every timestep 0..999 (any LCM schedule)
+    max_steps: int          # 4 with the four upstream rows; the `max_steps` setting with a time table
     img2img: bool
     strict: bool
     guidance: bool
@@ -78,7 +79,8 @@ class CapabilityTable:
     def from_models(cls, models: LoadedModels, settings: Settings) -> CapabilityTable:
         return cls(
             image_size=(int(models.image_size[0]), int(models.image_size[1])),
-            timesteps=tuple(int(t) for t in models.timesteps),
+            time_table=models.time.full,
+            max_steps=max_schedule_steps(models.time.full, settings.max_steps),
             img2img=models.vae_encoder is not None,
             strict=settings.strict,
             guidance=settings.guidance == "on",
@@ -88,14 +90,24 @@ class CapabilityTable:
         )
 
     @property
-    def max_steps(self) -> int:
-        return min(len(self.timesteps), MAX_STEPS)
+    def default_steps(self) -> int:
+        """Steps run when a request leaves them out: the upstream 4-step schedule (the same timesteps
+        with or without a time table), fewer if `max_steps` is lower."""
+        return min(len(TIMESTEPS), self.max_steps)
+
+    def schedule(self, steps: int) -> list[int]:
+        """The txt2img timesteps of a `steps`-step schedule on these models (1 ≤ steps ≤ max_steps)."""
+        return txt2img_timesteps(steps, self.time_table)
 
     # ------------------------------------------------------------------ the table
     @cached_property
     def rows(self) -> list[CapabilityRow]:
         w, h = self.image_size
-        schedules = ", ".join(f"{n}→{txt2img_timesteps(n)}" for n in range(1, self.max_steps + 1))
+        schedules = ", ".join(f"{n}→{self.schedule(n)}" for n in range(1, self.max_steps + 1))
+        steps_source = (
+            f"diffusers' LCM schedules from the time table, MAX_STEPS {self.max_steps}" if self.time_table
+            else "the four stored time rows; a time table (time_input_table.npy) allows up to MAX_STEPS"
+        )
         guidance = (
             f"cfg ≤ 1: one UNet pass per step; 1 < cfg ≤ {self.max_cfg_scale:g}: classifier-free guidance "
             "with the negative prompt (two UNet passes per step)"
@@ -106,8 +118,8 @@ class CapabilityTable:
                           "img2img needs the VAE encoder model"),
             CapabilityRow("width, height", f"{w}x{h} (the compiled models' size)", "clamp",
                           f"other sizes are generated at {w}x{h}"),
-            CapabilityRow("steps", f"1–{self.max_steps}, default {self.max_steps}: {schedules}", "clamp",
-                          f"more steps run {self.max_steps}; img2img runs the last "
+            CapabilityRow("steps", f"1–{self.max_steps}, default {self.default_steps}: {schedules}", "clamp",
+                          f"more steps run {self.max_steps} ({steps_source}); img2img runs the last "
                           "round(denoising_strength × steps) of them"),
             CapabilityRow("sampler_name, sampler_index",
                           f"{SAMPLER_NAME} (aliases {', '.join(SAMPLER_ALIASES)})", "warn",
@@ -163,8 +175,11 @@ class CapabilityTable:
         return {
             "policy": "strict" if self.strict else "lenient",
             "image_size": {"width": self.image_size[0], "height": self.image_size[1]},
-            "timesteps": list(self.timesteps),
+            "time_table": self.time_table,
+            "timesteps": list(range(NUM_TRAIN_TIMESTEPS)) if self.time_table else list(TIMESTEPS),
             "max_steps": self.max_steps,
+            "default_steps": self.default_steps,
+            "schedules": {str(n): self.schedule(n) for n in range(1, self.max_steps + 1)},
             "modes": ["txt2img", "img2img"] if self.img2img else ["txt2img"],
             "guidance": "on" if self.guidance else "off",
             "max_cfg_scale": self.max_cfg_scale,
@@ -226,8 +241,8 @@ class CapabilityTable:
     def timesteps_for(self, steps: int, denoising_strength: float | None = None) -> tuple[int, ...]:
         """The timesteps a `steps`-step schedule runs; img2img (a strength) runs its tail."""
         if denoising_strength is None:
-            return tuple(txt2img_timesteps(steps))
-        return tuple(img2img_timesteps(denoising_strength, steps))
+            return tuple(self.schedule(steps))
+        return tuple(img2img_timesteps(denoising_strength, steps, self.time_table))
 
     def _check_mode_and_scripts(self, r: GenerationRequest) -> None:
         if r.mode not in ("txt2img", "img2img"):
@@ -268,7 +283,7 @@ class CapabilityTable:
 
     def _steps(self, r: GenerationRequest, warnings: list[str]) -> int:
         if r.steps is None:
-            return self.max_steps
+            return self.default_steps
         if 1 <= r.steps <= self.max_steps:
             return r.steps
         clamped = min(max(r.steps, 1), self.max_steps)

@@ -1,8 +1,9 @@
-"""Engine: the one object the API (and its dependencies) talks to. It owns the models, the
-Pipeline, the capability table, the options and the job queue.
+"""Engine: the one object the API (and its dependencies) talks to. It owns the devices (one worker
+thread, its sessions and its Pipeline per NPU), the capability table, the options and the job queue.
 
-The request's way: translate (route) -> CapabilityTable.apply -> GenerationPlan -> queue -> worker
-(JobRunner: Pipeline) -> encode_result. What the NPU worker does with a plan is in runner.py.
+The request's way: translate (route) -> CapabilityTable.apply -> GenerationPlan -> queue -> workers
+(JobRunner: Pipeline, one image per part) -> encode_result. What a worker does with an image is in
+runner.py; a plan's images may run on several devices at once and are reassembled in order.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..pipeline.stages import StageError
+from ..runtime.model_dir import count_devices
 from ..runtime.session import ModelLoadError
 from .errors import (
     ClientDisconnectedError,
@@ -26,10 +30,12 @@ from .errors import (
     ServiceUnavailableError,
     ShuttingDownError,
 )
+from .host_memory import tune_malloc
+from .interrogation import InterrogationService
 from .metrics import ServiceMetrics, note_request
-from .progress import ProgressState
-from .queue import DEVICE_LOST_AFTER_FAILURES, Job, JobQueue, Worker, looks_like_device_loss
-from .runner import GenerationResult, JobRunner
+from .progress import INTERROGATE_JOB, ProgressState
+from .queue import DEVICE_LOST_AFTER_FAILURES, Job, JobQueue, Part, Worker, looks_like_device_loss
+from .runner import GenerationResult, JobRunner, PlanRun
 
 if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels, ModelFiles, Wrap
@@ -45,7 +51,9 @@ log = logging.getLogger(__name__)
 SESSION_ROLES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DISCONNECT_POLL_S = 0.25
 NOT_READY_RETRY_S = 5
+READY_POLL_S = 0.05     # how often a request waiting for the model load looks again
 GENERATE = "generate"   # the Job kind of a GenerationPlan
+INTERROGATE = INTERROGATE_JOB   # the Job kind of an InterrogationJob
 
 
 def wrap_models(models: LoadedModels, wrap: Wrap) -> LoadedModels:
@@ -65,12 +73,90 @@ def configured_model_files(settings: Settings) -> tuple[ModelFiles, str]:
     return resolve_model_files(**settings.model_paths(), backend=settings.backend)
 
 
-def load_configured_models(settings: Settings, wrap: Wrap | None = None) -> LoadedModels:
-    """Resolve the model files from settings (or the demo pack) and load them."""
+def load_configured_models(settings: Settings, wrap: Wrap | None = None,
+                           device_id: int | None = None) -> LoadedModels:
+    """Resolve the model files from settings (or the demo pack) and load them on one device
+    (default: the first configured one)."""
     from ..runtime.model_dir import load_models
 
     files, backend = configured_model_files(settings)
-    return load_models(files, backend, device_id=settings.device_id, wrap=wrap, cache_dir=settings.cache_dir)
+    device = settings.devices[0] if device_id is None else device_id
+    return load_models(files, backend, device_id=device, wrap=wrap, cache_dir=settings.cache_dir,
+                       lean_memory=settings.lean_memory)
+
+
+def device_count(backend: str) -> int | None:
+    """How many NPUs the backend sees, or None when it sets no limit (onnxruntime: N CPU session sets)
+    or cannot tell (`runtime.count_devices`; a runtime that cannot start is reported by the load)."""
+    try:
+        return count_devices(backend)
+    except ModelLoadError:
+        return None
+
+
+def describe_devices(devices: tuple[int, ...], backend: str, count: int | None) -> str:
+    """The start-up / check-models line: which devices are configured and how many the backend sees."""
+    found = f"{count} NPU device(s) found" if count is not None else (
+        "one CPU session set per device" if backend == "onnxruntime" else "device count unknown")
+    return f"devices: {', '.join(map(str, devices))} on {backend} ({found})"
+
+
+def check_device_indexes(devices: tuple[int, ...], count: int | None) -> None:
+    """ModelLoadError naming the first index out of range and the count."""
+    if count is None:
+        return
+    for index in devices:
+        if index >= count:
+            found = f"indexes 0..{count - 1}" if count else "none"
+            raise ModelLoadError(f"device {index} is out of range: {count} NPU device(s) found ({found}); "
+                                 "check DEVICE_ID / DEVICE_IDS")
+
+
+_THREAD = threading.local()
+
+
+def current_device() -> int | None:
+    """The device index of the worker thread calling (None elsewhere); `wrap` may ask it."""
+    return getattr(_THREAD, "device", None)
+
+
+@dataclass(eq=False)
+class Device:
+    """One NPU (on onnxruntime: one CPU session set): its worker thread, sessions and counters."""
+
+    index: int
+    models: LoadedModels | None = None
+    runner: JobRunner | None = None
+    worker: Worker | None = None
+    load_error: str | None = None
+    lost: str | None = None
+    busy: bool = False
+    images: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    loaded: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def usable(self) -> bool:
+        """Loaded and not lost."""
+        return self.runner is not None and self.lost is None
+
+    def status(self) -> str:
+        if self.load_error:
+            return "load_failed"
+        if self.lost:
+            return "lost"
+        if self.runner is None or self.worker is None:
+            return "starting"
+        return "ok" if self.worker.is_alive() else "worker_dead"
+
+    def describe(self) -> dict[str, Any]:
+        """Its row in /health."""
+        row: dict[str, Any] = {"index": self.index, "status": self.status(), "busy": self.busy,
+                               "images": self.images, "failures": self.failures}
+        if self.load_error or self.lost:
+            row["detail"] = self.load_error or self.lost
+        return row
 
 
 class Engine:
@@ -88,33 +174,106 @@ class Engine:
         self.metrics.bind_queue(lambda: self.queue.depth, lambda: 1.0 if self.progress.busy else 0.0)
         self.started_at = time.monotonic()
         self.jobs_dropped = 0            # queued jobs whose client disconnected
-        self.device_lost: str | None = None
-        self._worker: Worker | None = None
-        self._runner: JobRunner | None = None
+        self.device_lost: str | None = None  # set when no device is left
+        self.devices: list[Device] = []
+        self._started = False
+        self._go = threading.Event()     # workers take jobs once every device has loaded
+        self._lock = threading.Lock()
+        self.interrogation: InterrogationService | None = None
         self.load_error: str | None = None   # set when a background start failed
+        self.load_ended = threading.Event()  # set once start() has loaded the models or failed to
         self._shutting_down = False
-        self._consecutive_failures = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Load models (unless given), build the runner, CapabilityTable, OptionsStore; start the worker."""
+        """Load the models on every configured device in parallel (each on its own worker thread,
+        unless given), then build the CapabilityTable and OptionsStore and let the workers take jobs.
+
+        A device that fails to load is reported by index; with at least one loaded the service starts
+        degraded (unless `require_all_devices`). ModelLoadError when none loads.
+        The CLIP interrogator loads once (its tag cache is built in slices by the first worker while
+        no job waits)."""
         from .capabilities import CapabilityTable
         from .options import OptionsStore
 
-        if self._worker is not None:
+        if self._started or self.devices:
             return
-        if self.models is None:
-            self.models = load_configured_models(self.settings, self._wrap)
-        elif self._wrap is not None:
-            self.models = wrap_models(self.models, self._wrap)
+        if self.settings.lean_memory:
+            tune_malloc()
+        indexes = self.settings.devices
+        backend = self.models.backend if self.models is not None else configured_model_files(self.settings)[1]
+        count = device_count(backend)
+        check_device_indexes(indexes, count)
+        log.info("%s", describe_devices(indexes, backend, count))
+        self.devices = [Device(index) for index in indexes]
+        for device in self.devices:
+            device.worker = Worker(self.queue, partial(self._run_part, device), self._finish,
+                                   name=f"npu-worker-{device.index}",
+                                   setup=partial(self._load_device, device), go=self._go,
+                                   idle=self._build_tags_slice if device is self.devices[0] else None)
+            device.worker.start()
+        for device in self.devices:
+            device.loaded.wait()
+        failed = [d for d in self.devices if d.load_error]
+        if failed:
+            self._refuse_failed_devices(failed)
+        first = next(d for d in self.devices if d.usable)
+        assert first.models is not None
+        self.models = first.models
         self.capabilities = CapabilityTable.from_models(self.models, self.settings)
         self.options = OptionsStore(self.settings, self.models)
-        self._runner = JobRunner.for_models(self.models, self.progress, self._preview_period)
-        worker = Worker(self.queue, self._run_job)
-        worker.start()
-        self._worker = worker   # set once running: `started` and shutdown's join see a live thread
-        log.info("engine ready: %s on %s (max_queue=%d)", self.models.model_name, self.models.backend,
+        if self.interrogation is None:  # the first device failed to load: CLIP goes with the one serving
+            self.interrogation = InterrogationService.load(self.models, self.settings, self._wrap)
+        if not self.interrogation.available:
+            log.info("interrogation off: %s", self.interrogation.status()["reason"])
+        self.queue.times.parallel = len(self.devices) - len(failed)
+        for device in self.devices:
+            self.metrics.bind_device(device.index, lambda d=device: 1.0 if d.status() == "ok" else 0.0,
+                                     lambda d=device: 1.0 if d.busy else 0.0)
+        self._go.set()
+        self.load_ended.set()
+        self._started = True   # set once running: `started` and shutdown's join see live threads
+        log.info("engine ready: %s on %s, device(s) %s (max_queue=%d)", self.models.model_name,
+                 self.models.backend, ", ".join(str(d.index) for d in self.devices if d.usable),
                  self.settings.max_queue)
+
+    def _refuse_failed_devices(self, failed: list[Device]) -> None:
+        """Raise when no device loaded (or some failed under require_all_devices); else log degraded."""
+        reasons = "; ".join(f"device {d.index}: {d.load_error}" for d in failed)
+        if len(failed) == len(self.devices) or self.settings.require_all_devices:
+            for device in self.devices:
+                if device.worker is not None:
+                    device.worker.stop()
+            self._go.set()
+            if len(failed) == len(self.devices):
+                raise ModelLoadError(reasons if len(self.devices) == 1
+                                     else f"no device loaded the models ({reasons})")
+            raise ModelLoadError(f"{reasons} (REQUIRE_ALL_DEVICES is set)")
+        serving = ", ".join(str(d.index) for d in self.devices if not d.load_error)
+        log.warning("DEGRADED start: %d of %d devices failed to load (%s); serving on device(s) %s",
+                    len(failed), len(self.devices), reasons, serving)
+
+    def _load_device(self, device: Device) -> None:
+        """On the device's worker thread: load (or wrap the given) models and build its runner."""
+        _THREAD.device = device.index
+        try:
+            if self.models is None:
+                models = load_configured_models(self.settings, self._wrap, device_id=device.index)
+            elif self._wrap is not None:
+                models = wrap_models(self.models, self._wrap)
+            else:
+                models = self.models
+            device.models = models
+            device.runner = JobRunner.for_models(models, self.progress, self._preview_period)
+            if device is self.devices[0]:  # CLIP sessions live on the first device, made on its thread
+                self.interrogation = InterrogationService.load(models, self.settings, self._wrap)
+        except Exception as exc:
+            device.load_error = str(exc) if isinstance(exc, ModelLoadError) \
+                else f"{type(exc).__name__}: {exc}"
+            log.error("device %d cannot load the models: %s", device.index, device.load_error)
+            raise
+        finally:
+            device.loaded.set()
 
     def start_in_background(self) -> threading.Thread:
         """start() on a thread; a failure is logged and kept in `load_error` (health then says so)."""
@@ -126,6 +285,8 @@ class Engine:
                 self.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ModelLoadError) \
                     else str(exc)
                 log.error("cannot load the models: %s", self.load_error)
+            finally:
+                self.load_ended.set()
 
         thread = threading.Thread(target=load, name="model-load", daemon=True)
         thread.start()
@@ -133,7 +294,7 @@ class Engine:
 
     @property
     def started(self) -> bool:
-        return self._worker is not None
+        return self._started
 
     def begin_shutdown(self) -> None:
         """Stop accepting; answer every queued job with 503 now. The running job continues."""
@@ -151,10 +312,11 @@ class Engine:
         self.begin_shutdown()
         if not self.queue.wait_idle(timeout):
             log.warning("running job exceeded shutdown_timeout=%.1f s: interrupting it", timeout)
-            self.progress.interrupt()
+            self.progress.interrupt(every_task=True)
             self.queue.wait_idle(5.0)
-        if self._worker is not None:
-            self._worker.join(timeout=1.0)
+        for device in self.devices:
+            if device.worker is not None and device.worker.is_alive():
+                device.worker.join(timeout=1.0)
 
     # --- submitting ----------------------------------------------------------------------------
     def _refuse_unless_accepting(self) -> None:
@@ -171,16 +333,23 @@ class Engine:
         if self.device_lost:
             raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
         self.require_ready()
-        assert self._worker is not None
-        if not self._worker.is_alive():
-            raise DeviceLostError("The NPU worker thread is not running; restart the service")
+        if not any(d.usable and d.worker is not None and d.worker.is_alive() for d in self.devices):
+            raise DeviceLostError("No NPU worker thread is running; restart the service")
 
     def require_ready(self) -> None:
         """The one "not ready" answer: 503 while the models load (Retry-After), or why they did not."""
         if self.load_error:
             raise DeviceLostError(f"The models failed to load ({self.load_error})")
-        if self._worker is None:
+        if not self._started:
             raise NotReadyError("Models are still loading", retry_after=NOT_READY_RETRY_S)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the models to finish loading, then `require_ready` (the 503 of
+        a failed load or of a load still under way). Polls, so no executor thread is held."""
+        deadline = time.monotonic() + timeout
+        while not self.load_ended.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(READY_POLL_S)
+        self.require_ready()
 
     def plan(self, request: GenerationRequest) -> GenerationPlan:
         """The capability table's plan for `request` under the current options (CapabilityError: 422)."""
@@ -195,9 +364,18 @@ class Engine:
     ) -> GenerationResult:
         """Queue one plan and wait for its result; raises the 503s of service/errors.py, StageError
         (500) and ClientDisconnectedError (499)."""
-        self._refuse_unless_accepting()
         loop = asyncio.get_running_loop()
-        job = Job(kind=GENERATE, payload=plan, task_id=plan.task_id, loop=loop, future=loop.create_future())
+        job = Job(kind=GENERATE, payload=plan, task_id=plan.task_id, loop=loop, future=loop.create_future(),
+                  parts=max(1, len(plan.images)), context=PlanRun(plan, self.progress))
+        result: GenerationResult = await self._queue_and_wait(job, is_disconnected)
+        self.metrics.generation_seconds.observe(time.monotonic() - job.enqueued_at)
+        note_request(warnings=result.warnings, stage_ms={k: round(v, 1) for k, v in result.stage_ms.items()},
+                     queue_wait_ms=round(result.queue_wait_ms, 1))
+        return result
+
+    async def _queue_and_wait(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None) -> Any:
+        """Queue one job (the 503s when refused) and wait for its result."""
+        self._refuse_unless_accepting()
         try:
             ahead = self.queue.put(job)
         except ServiceUnavailableError as exc:
@@ -205,15 +383,25 @@ class Engine:
             raise
         note_request(task_id=job.task_id, jobs_ahead=ahead)
         try:
-            result: GenerationResult = await self._wait(job, is_disconnected)
+            return await self._wait(job, is_disconnected)
         except asyncio.CancelledError:
             if self.queue.remove(job):
                 self.metrics.reject("cancelled")
             raise
-        self.metrics.generation_seconds.observe(time.monotonic() - job.enqueued_at)
-        note_request(warnings=result.warnings, stage_ms={k: round(v, 1) for k, v in result.stage_ms.items()},
-                     queue_wait_ms=round(result.queue_wait_ms, 1))
-        return result
+
+    async def interrogate(self, image: Any, categories: Any = None, structured: bool = False,
+                          is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> dict[str, Any]:
+        """/interrogate (or /interrogate/structured): decode and check here, then CLIP on an NPU worker
+        through the same queue as generation; returns the answer body (404/400/501 as RequestError or
+        FeatureUnavailableError)."""
+        self._refuse_unless_accepting()  # before decoding any image
+        assert self.interrogation is not None
+        service = self.interrogation
+        payload = await asyncio.to_thread(service.request, image, categories, structured)
+        loop = asyncio.get_running_loop()
+        job = Job(kind=INTERROGATE, payload=payload, task_id=payload.task_id, loop=loop,
+                  future=loop.create_future())
+        return await self._queue_and_wait(job, is_disconnected)
 
     async def generate(
         self,
@@ -270,41 +458,81 @@ class Engine:
         value = self.options.get(key) if self.options is not None else None
         return default if value is None else value
 
-    def _run_job(self, job: Job) -> GenerationResult:
-        """Runs on the worker thread; keeps count of failures for the device-loss check."""
-        if self.device_lost:
-            raise DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service")
-        assert self._runner is not None and job.kind == GENERATE, job.kind
-        wait_s = (job.started_at or time.monotonic()) - job.enqueued_at
-        self.metrics.queue_wait_seconds.observe(wait_s)
+    def _run_part(self, device: Device, part: Part) -> Any:
+        """On `device`'s worker thread: one image of a plan, or one interrogation; counts failures for
+        the device-loss rule."""
+        job = part.job
+        assert device.runner is not None and job.kind in (GENERATE, INTERROGATE), job.kind
+        if part.index == 0:
+            self.metrics.queue_wait_seconds.observe((job.started_at or time.monotonic()) - job.enqueued_at)
+        device.busy = True
         try:
-            result = self._runner.run(job.payload, queue_wait_ms=wait_s * 1000.0)
+            if job.kind == INTERROGATE:
+                assert self.interrogation is not None   # its lock: one worker at a time in CLIP
+                job.context = self.interrogation.run(job.payload, self.progress)
+                ran = False
+            else:
+                ran = device.runner.run_image(job.context, part.index)
         except Exception as exc:
-            self.metrics.jobs.labels(outcome="failed").inc()
+            device.failures += 1
+            self.metrics.device_failures.labels(device=str(device.index)).inc()
+            if not job.failed:
+                self.metrics.jobs.labels(outcome="failed").inc()
+            if job.kind == GENERATE:
+                job.context.abort()
             if isinstance(exc, StageError):
-                self._note_stage_failure(exc)
+                self._note_stage_failure(device, exc)
             raise
-        self._consecutive_failures = 0
+        finally:
+            device.busy = False
+        device.consecutive_failures = 0
+        if ran:
+            device.images += 1
+            self.metrics.device_images.labels(device=str(device.index)).inc()
+        return ran
+
+    def _build_tags_slice(self) -> bool:
+        """The first worker's idle work: one slice of the interrogation tag cache; True while more remains."""
+        return self.interrogation is not None and self.interrogation.build_slice()
+
+    def _finish(self, job: Job) -> GenerationResult | dict[str, Any]:
+        """The job's last part came back: its images in order (an interrogation: its answer), and
+        the job's metrics."""
+        if job.kind == INTERROGATE:
+            self.metrics.jobs.labels(outcome="ok").inc()
+            return job.context
+        wait_s = (job.started_at or time.monotonic()) - job.enqueued_at
+        result: GenerationResult = job.context.result(queue_wait_ms=wait_s * 1000.0)
         self.metrics.images.inc(len(result.images))
         self.metrics.jobs.labels(outcome="interrupted" if result.interrupted else "ok").inc()
         self.metrics.observe_stages(result.stage_ms)
         return result
 
-    def _note_stage_failure(self, exc: StageError) -> None:
-        """Count consecutive failures; declare the device lost on its error text or after N in a row."""
-        self._consecutive_failures += 1
-        log.error("job failed in stage %s: %s", exc.stage, exc.message)
+    def _note_stage_failure(self, device: Device, exc: StageError) -> None:
+        """Count the device's consecutive failures; declare it lost on its error text or after N in a row."""
+        device.consecutive_failures += 1
+        log.error("device %d: job failed in stage %s: %s", device.index, exc.stage, exc.message)
         if looks_like_device_loss(exc.message):
-            self._mark_device_lost(f"{exc.stage}: {exc.message}")
-        elif self._consecutive_failures >= DEVICE_LOST_AFTER_FAILURES:
-            self._mark_device_lost(f"{self._consecutive_failures} jobs in a row failed; last: {exc}")
+            self._mark_device_lost(device, f"{exc.stage}: {exc.message}")
+        elif device.consecutive_failures >= DEVICE_LOST_AFTER_FAILURES:
+            self._mark_device_lost(device, f"{device.consecutive_failures} jobs in a row failed; last: {exc}")
 
-    def _mark_device_lost(self, reason: str) -> None:
-        self.device_lost = reason
-        log.error("NPU marked unavailable: %s", reason)
-        for job in self.queue.drain():
+    def _mark_device_lost(self, device: Device, reason: str) -> None:
+        """Take the device's worker out; when it was the last one, fail every queued job."""
+        with self._lock:
+            device.lost = reason
+            if device.worker is not None:
+                device.worker.stop()
+            left = [d.index for d in self.devices if d.usable]
+            self.queue.times.parallel = max(1, len(left))
+        log.error("NPU device %d marked unavailable: %s", device.index, reason)
+        if left:
+            log.warning("DEGRADED: continuing on device(s) %s", ", ".join(map(str, left)))
+            return
+        self.device_lost = reason if len(self.devices) == 1 else f"device {device.index}: {reason}"
+        for job in self.queue.drain(started_too=True):
             self.metrics.reject("device_lost")
-            job.fail(DeviceLostError(f"The NPU is unavailable ({reason}); restart the service"))
+            job.fail(DeviceLostError(f"The NPU is unavailable ({self.device_lost}); restart the service"))
 
     # --- control and status --------------------------------------------------------------------
     def interrupt(self) -> None:
@@ -337,34 +565,37 @@ class Engine:
     def capabilities_dict(self) -> dict[str, Any]:
         """GET /capabilities: the capability table as data; NotReadyError while loading."""
         self.require_ready()
-        assert self.capabilities is not None
-        return self.capabilities.to_dict()
+        assert self.capabilities is not None and self.interrogation is not None
+        return {**self.capabilities.to_dict(), "interrogate": self.interrogation.status()}
 
     def metrics_exposition(self) -> bytes:
         """GET /metrics: this engine's Prometheus registry in the text format."""
         return self.metrics.exposition()
 
     def health(self) -> dict[str, Any]:
-        """{status, backend, model, queue_depth, busy, uptime_s}; status "ok" means healthy."""
+        """{status, backend, model, queue_depth, busy, uptime_s, devices}; "ok" and "degraded" (some
+        device lost or not loaded, at least one serving) are healthy."""
+        serving = [d for d in self.devices if d.status() == "ok"]
         if self._shutting_down:
             status = "shutting_down"
         elif self.device_lost:
             status = "device_lost"
         elif self.load_error:
             status = "load_failed"
-        elif self._worker is None:
+        elif not self._started:
             status = "starting"
-        elif not self._worker.is_alive():
+        elif not serving:
             status = "worker_dead"
         else:
-            status = "ok"
+            status = "ok" if len(serving) == len(self.devices) else "degraded"
         body: dict[str, Any] = {
             "status": status,
             "backend": self.models.backend if self.models else None,
             "model": self.models.model_name if self.models else None,
             "queue_depth": self.queue.depth,
-            "busy": self.progress.busy,
+            "busy": any(d.busy for d in self.devices) or self.progress.busy,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "devices": [d.describe() for d in self.devices],
         }
         if self.device_lost or self.load_error:
             body["detail"] = self.device_lost or self.load_error

@@ -96,3 +96,14 @@ class ClientDisconnectedError(ServiceError):
     """The client left while its job was queued; the job was dropped (HTTP 499, never seen)."""
 
     status_code = 499
+
+
+class StateWriteError(ServiceError):
+    """Persistent state (options.json) could not be written; nothing was changed (500: the server's
+    storage, not the request, is at fault, and retrying will not help until it is fixed)."""
+
+    status_code = 500
+
+    @property
+    def error_name(self) -> str:
+        return "OSError"

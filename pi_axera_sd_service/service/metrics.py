@@ -46,12 +46,26 @@ class ServiceMetrics:
         self.rejections = Counter("sd_rejections", "Requests refused or dropped, by reason",
                                   ["reason"], registry=r)
         self.queue_depth = Gauge("sd_queue_depth", "Jobs waiting for the NPU", registry=r)
-        self.busy = Gauge("sd_worker_busy", "1 while the NPU worker runs a job", registry=r)
+        self.busy = Gauge("sd_worker_busy", "1 while an NPU worker runs a job", registry=r)
+        self.device_up = Gauge("sd_device_up", "1 while the device serves (loaded, not lost)", ["device"],
+                               registry=r)
+        self.device_busy = Gauge("sd_device_busy", "1 while the device runs an image", ["device"], registry=r)
+        self.device_images = Counter("sd_device_images", "Images run per device", ["device"], registry=r)
+        self.device_failures = Counter("sd_device_failures", "Failed images per device", ["device"],
+                                       registry=r)
 
     def bind_queue(self, depth: Callable[[], float], busy: Callable[[], float]) -> None:
         """Gauges read live values at scrape time."""
         self.queue_depth.set_function(depth)
         self.busy.set_function(busy)
+
+    def bind_device(self, index: int, up: Callable[[], float], busy: Callable[[], float]) -> None:
+        """Per-device gauges read at scrape time; its counters start at 0."""
+        label = str(index)
+        self.device_up.labels(device=label).set_function(up)
+        self.device_busy.labels(device=label).set_function(busy)
+        self.device_images.labels(device=label)
+        self.device_failures.labels(device=label)
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason=reason).inc()

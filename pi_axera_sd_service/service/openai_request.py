@@ -18,7 +18,7 @@ from .errors import RequestError
 from .request import (
     GenerationRequest,
     common_fields,
-    decode_init_image,
+    decode_init_images,
     float_field,
     given_fields,
     int_field,
@@ -38,12 +38,13 @@ def from_openai(
     settings: Settings,
     *,
     unknown: Iterable[str] = (),
-    images: Sequence[tuple[str, bytes | str]] = (),
+    images: Sequence[bytes | str] = (),
 ) -> GenerationRequest:
     """OpenAI images body (model_dump of the protocol model) -> GenerationRequest.
 
     `unknown`: body fields OpenAI's schema lacks (ignored with a warning); `images`: the edit's
-    uploads as (field name, file bytes or a base64 string). RequestError (400) names the field."""
+    uploads (file bytes, or base64 text), image[0], image[1], ... in errors. RequestError (400)
+    names the field."""
     sent = given_fields(payload, fields_set)
     require_prompt(sent)
     if sent.get("stream"):
@@ -66,8 +67,8 @@ def from_openai(
     if mode == "img2img":
         if not images:
             raise RequestError("image", "image is required: upload one image file (field image or image[])")
-        fields["init_images"] = [decode_init_image(data, name, settings.max_init_image_pixels)
-                                 for name, data in images]
+        size = (width, height) if width and height else None
+        fields["init_images"] = decode_init_images(images[:n], "image", settings, size)
         if len(images) > n:
             fields["warnings"].append(f"image: {len(images)} images sent for n={n}; the first {n} were used")
         fields["denoising_strength"] = float_field(sent, "strength", None)  # None: the table's default

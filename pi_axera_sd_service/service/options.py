@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..pipeline.conditioning import EMPHASIS_MODES
 from ..settings import Settings
-from .errors import RequestError
+from .errors import RequestError, StateWriteError
 
 if TYPE_CHECKING:
     from ..runtime.model_dir import LoadedModels
@@ -178,8 +178,9 @@ class OptionsStore:
             log.info("POST options: ignored read-only or unknown keys: %s", ", ".join(sorted(ignored)))
         if validated:
             with self._lock:
-                self._changed.update(validated)
-                self._save_locked()
+                changed = {**self._changed, **validated}
+                self._save_locked(changed)   # write first: a failed write changes nothing
+                self._changed = changed
         return ignored
 
     def _load(self) -> None:
@@ -199,18 +200,30 @@ class OptionsStore:
                 except RequestError as exc:
                     log.warning("%s: %s; using the default", self.path, exc.message)
 
-    def _save_locked(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".options-", suffix=".json", dir=self.path.parent)
+    def _save_locked(self, changed: Mapping[str, Any]) -> None:
+        """Write `changed` to options.json atomically; StateWriteError naming the path otherwise."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".options-", suffix=".json", dir=self.path.parent)
+        except OSError as exc:
+            raise self._write_error(exc) from exc
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self._changed, fh, indent=2, sort_keys=True)
+                json.dump(changed, fh, indent=2, sort_keys=True)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from exc
             raise
+
+    def _write_error(self, exc: OSError) -> StateWriteError:
+        log.error("cannot save the options to %s: %s", self.path, exc)
+        reason = exc.strerror or type(exc).__name__
+        return StateWriteError(f"Cannot save the options to {self.path} ({reason}); nothing was changed. "
+                               "Make state_dir (STATE_DIR) a writable directory.")
 
 
 def validate_option(key: str, value: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..pipeline.images import ImageDecodeError, decode_image_b64, decode_image_bytes
+from ..pipeline.images import ImageDecodeError, PixelBudget, decode_image_b64, decode_image_bytes
 from ..pipeline.prompt_parser import PromptError, check_prompt_text
 from ..settings import Settings
 from .errors import RequestError
@@ -66,22 +66,38 @@ class GenerationRequest:
         object.__setattr__(self, "warnings", tuple(self.warnings))
 
 
-def decode_init_images(values: Iterable[Any], field_name: str, max_pixels: int) -> list[Image.Image]:
-    """Raw base64 or data-URI strings -> RGB images; undecodable -> RequestError 400 naming the item."""
-    return [decode_init_image(value, f"{field_name}[{i}]", max_pixels) for i, value in enumerate(values)]
+def decode_init_images(
+    values: Iterable[Any], field_name: str, settings: Settings, target_size: tuple[int, int] | None
+) -> list[Image.Image]:
+    """Raw base64 or data-URI strings -> RGB images; undecodable -> RequestError 400 naming the item.
+
+    All of one request's images share one pixel budget (max_request_pixels); a JPEG is decoded at
+    the smallest scale that still covers `target_size` (the size asked for)."""
+    budget = PixelBudget(settings.max_request_pixels)
+    return [decode_init_image(value, f"{field_name}[{i}]", settings, target_size, budget)
+            for i, value in enumerate(values)]
 
 
-def decode_init_image(value: Any, name: str, max_pixels: int) -> Image.Image:
+def decode_init_image(
+    value: Any, name: str, settings: Settings, target_size: tuple[int, int] | None = None,
+    budget: PixelBudget | None = None,
+) -> Image.Image:
     """One raw base64 or data-URI string (or an uploaded file's bytes) -> an RGB image; RequestError
     400 naming `name` otherwise."""
     if not isinstance(value, (str, bytes)):
         raise RequestError(name, f"Invalid encoded image ({name}): expected a base64 string")
+    decode = decode_image_bytes if isinstance(value, bytes) else decode_image_b64
     try:
-        if isinstance(value, bytes):
-            return decode_image_bytes(value, max_pixels)
-        return decode_image_b64(value, max_pixels)
+        return decode(value, settings.max_init_image_pixels, target_size,  # type: ignore[arg-type]
+                      budget or PixelBudget(settings.max_request_pixels))
     except ImageDecodeError as exc:
         raise RequestError(name, f"Invalid encoded image ({name}): {exc}") from exc
+
+
+def _asked_size(payload: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(width, height) the request asks for, when both are whole numbers (a JPEG decode target)."""
+    size = payload.get("width"), payload.get("height")
+    return size if all(isinstance(v, int) and v > 0 for v in size) else None  # type: ignore[return-value]
 
 
 def _check_prompt(name: str, value: Any, settings: Settings) -> str:
@@ -124,17 +140,40 @@ def from_sdapi(
         unsupported={k: sent[k] for k in UNSUPPORTED_FIELDS if k in sent},
     )
     if mode == "img2img":
-        if payload.get("init_images") is None:
-            raise RequestError("init_images", "Init image not found", status_code=404)
-        images = decode_init_images(payload["init_images"], "init_images", settings.max_init_image_pixels)
-        if not images:
-            raise RequestError("init_images", "Init image not found", status_code=404)
+        images, warning = _used_init_images(payload.get("init_images"), fields["batch_size"], settings,
+                                            _asked_size(payload))
         fields.update(
+            warnings=[warning] if warning else [],
             init_images=images, mask_given=bool(payload.get("mask")) or bool(payload.get("latent_mask")),
             denoising_strength=float_field(sent, "denoising_strength", None),
             resize_mode=int_field(sent, "resize_mode", 0),
         )
     return GenerationRequest(**fields)
+
+
+def _used_init_images(
+    values: Any, batch_size: int, settings: Settings, target_size: tuple[int, int] | None
+) -> tuple[list[Image.Image], str | None]:
+    """The init images the batch uses, decoded; only those are decoded (a request's memory is bounded).
+
+    A1111 repeats one init image over the batch and refuses more images than `batch_size`
+    (RuntimeError "bad number of images passed", a 500): here that is a 400 naming the field, before
+    any image is decoded. At most `max_images_per_request` are decoded (the batch is clamped to it);
+    images past that are never used, so they are skipped with a warning."""
+    if not values:   # None (A1111's 404) or an empty list
+        raise RequestError("init_images", "Init image not found", status_code=404)
+    if not isinstance(values, list):
+        raise RequestError("init_images", "init_images must be a list of base64 images")
+    batch = max(batch_size, 1)
+    if len(values) > batch:
+        raise RequestError("init_images", f"init_images has {len(values)} images but batch_size is {batch}; "
+                           "send one image (repeated over the batch) or at most batch_size images")
+    used = min(len(values), settings.max_images_per_request)
+    warning = None
+    if used < len(values):
+        warning = (f"init_images: {len(values)} images sent, the batch is limited to "
+                   f"{settings.max_images_per_request} (max_images_per_request); the rest were not used")
+    return decode_init_images(values[:used], "init_images", settings, target_size), warning
 
 
 # A1111 `infotext` request field: values parsed from it fill the fields the request did not set.
@@ -179,7 +218,7 @@ def from_generate(
             raise RequestError("init_image", "init_image (base64) is required for img2img")
         strength = sent.get("denoising_strength", sent.get("strength"))
         fields.update(
-            init_images=[decode_init_image(init, "init_image", settings.max_init_image_pixels)],
+            init_images=[decode_init_image(init, "init_image", settings, _asked_size(sent))],
             denoising_strength=UPSTREAM_DENOISING_STRENGTH if strength is None else _as_float(
                 strength, "denoising_strength"),
             resize_mode=int_field(sent, "resize_mode", 0),

@@ -13,10 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ...service.request import from_generate
-from ..deps import EngineDep
-from ..protocol import GenerateRequest, GenerateResponse, validated
+from ..deps import GenerationEngineDep
+from ..protocol import GenerateErrorBody, GenerateRequest, GenerateResponse, error_responses, validated
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(401))   # 401 only with api_auth
 
 
 async def _payload(request: Request) -> GenerateRequest:
@@ -29,10 +29,15 @@ async def _payload(request: Request) -> GenerateRequest:
 
 
 # The body is parsed by hand (upstream's 400s), so its schema is given to the docs explicitly.
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, openapi_extra={
+# 408/413 come from the body check in the middleware, in the /generate shape too.
+GENERATE_ERRORS = error_responses(400, 408, 413, 500, 503, model=GenerateErrorBody)
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True,
+             responses=GENERATE_ERRORS, openapi_extra={
     "requestBody": {"required": True,
                     "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}})
-async def generate(request: Request, engine: EngineDep) -> GenerateResponse:
+async def generate(request: Request, engine: GenerationEngineDep) -> GenerateResponse:
     """txt2img or img2img through the one GenerationRequest; PNG images as raw base64.
 
     `base64` carries the first image; `images` (every image) is added only for several images or

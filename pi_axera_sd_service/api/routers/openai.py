@@ -21,7 +21,7 @@ from ...service.engine import Engine
 from ...service.errors import RequestError
 from ...service.openai_request import from_openai
 from ...service.request import GenerationRequest
-from ..deps import ReadyEngineDep
+from ..deps import GenerationEngineDep, ReadyEngineDep
 from ..errors import ApiError, add_error_family
 from ..middleware import parsed_json_body
 from ..openai_protocol import (
@@ -30,12 +30,15 @@ from ..openai_protocol import (
     ImagesResponse,
     ModelCard,
     ModelList,
+    OpenAIErrorBody,
     openai_error_body,
 )
-from ..protocol import validated
+from ..protocol import error_responses, validated
 
 PREFIX = "/v1"
-router = APIRouter(prefix=PREFIX)
+# 401 only with api_auth/api_keys; 408/413 from the body check; all in OpenAI's shape
+router = APIRouter(prefix=PREFIX,
+                   responses=error_responses(400, 401, 408, 413, 500, 503, model=OpenAIErrorBody))
 OWNER = "pi_axera_sd_service"
 IMAGE_FIELDS = ("image", "image[]")
 MAX_UPLOADS = 16
@@ -73,7 +76,7 @@ add_error_family(lambda path: path.startswith(PREFIX + "/"), openai_shape)
 # ---------------------------------------------------------------------------- images
 async def _images(
     request: Request, engine: Engine, mode: str, payload: ImageGenerationRequest,
-    images: list[tuple[str, bytes | str]],
+    images: list[bytes | str],
 ) -> dict[str, Any]:
     def translate() -> GenerationRequest:
         return from_openai(mode, payload.model_dump(), payload.model_fields_set, engine.settings,
@@ -99,7 +102,7 @@ def _request_body(content_type: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("/images/generations", response_model=ImagesResponse,
              openapi_extra=_request_body("application/json", ImageGenerationRequest.model_json_schema()))
-async def generations(request: Request, engine: ReadyEngineDep) -> Any:
+async def generations(request: Request, engine: GenerationEngineDep) -> Any:
     """txt2img. JSON body as OpenAI's; SD extras: negative_prompt, seed, steps, cfg_scale."""
     payload = validated(ImageGenerationRequest, parsed_json_body(request.scope))
     return await _images(request, engine, "txt2img", payload, [])
@@ -107,7 +110,7 @@ async def generations(request: Request, engine: ReadyEngineDep) -> Any:
 
 @router.post("/images/edits", response_model=ImagesResponse,
              openapi_extra=_request_body("multipart/form-data", ImageEditRequest.model_json_schema()))
-async def edits(request: Request, engine: ReadyEngineDep) -> Any:
+async def edits(request: Request, engine: GenerationEngineDep) -> Any:
     """img2img. multipart/form-data as the SDKs send it: `image` (or `image[]`) files, `prompt`, ...;
     extra field `strength` (default: the capability table's img2img default). A `mask` is a 400."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
@@ -118,16 +121,15 @@ async def edits(request: Request, engine: ReadyEngineDep) -> Any:
     return await _images(request, engine, "img2img", payload, images)
 
 
-async def _read_form(request: Request) -> tuple[dict[str, Any], list[tuple[str, bytes | str]]]:
-    """(text fields, [(name, bytes or base64 text)] of the image uploads); a mask file is noted by name."""
+async def _read_form(request: Request) -> tuple[dict[str, Any], list[bytes | str]]:
+    """(text fields, the image uploads as bytes or base64 text); a mask file is noted by its name."""
     fields: dict[str, Any] = {}
-    images: list[tuple[str, bytes | str]] = []
+    images: list[bytes | str] = []
     try:
         async with request.form(max_files=MAX_UPLOADS, max_fields=100) as form:
             for key, value in form.multi_items():
                 if key in IMAGE_FIELDS:
-                    name = f"image[{len(images)}]"
-                    images.append((name, await value.read() if isinstance(value, UploadFile) else value))
+                    images.append(await value.read() if isinstance(value, UploadFile) else value)
                 elif isinstance(value, UploadFile):
                     fields[key] = value.filename or key
                 else:
@@ -153,7 +155,8 @@ async def models(engine: ReadyEngineDep) -> Any:
     return ModelList(data=[_model_card(engine)])
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard)
+@router.get("/models/{model_id:path}", response_model=ModelCard,
+            responses=error_responses(404, model=OpenAIErrorBody))
 async def model(model_id: str, engine: ReadyEngineDep) -> Any:
     """The loaded model by any of its names (A1111 title, file name, model name, hash)."""
     card = _model_card(engine)

@@ -14,16 +14,19 @@ from typing import Any
 from fastapi import APIRouter, Body, Request
 
 from ...service.capabilities import SAMPLER_ALIASES, SAMPLER_NAME
-from ...service.errors import FeatureUnavailableError
+from ...service.errors import RequestError
 from ...service.infotext import png_info
+from ...service.interrogation import CLIP_MODEL
 from ...service.request import GenerationRequest, from_sdapi
 from ...service.results import sdapi_parameters
 from ...settings import is_exposed
-from ..deps import EngineDep, ReadyEngineDep
+from ..deps import EngineDep, GenerationEngineDep, ReadyEngineDep
 from ..protocol import (
     EmbeddingsResponse,
     ImageResponse,
     Img2ImgRequest,
+    InterrogateRequest,
+    InterrogateResponse,
     PNGInfoRequest,
     PNGInfoResponse,
     ProgressResponse,
@@ -31,11 +34,14 @@ from ..protocol import (
     SchedulerItem,
     ScriptsList,
     SDModelItem,
+    StructuredInterrogateRequest,
+    StructuredInterrogateResponse,
     Txt2ImgRequest,
     UpscalerItem,
+    error_responses,
 )
 
-router = APIRouter(prefix="/sdapi/v1")
+router = APIRouter(prefix="/sdapi/v1", responses=error_responses(401))   # 401 only with api_auth
 
 
 # ---------------------------------------------------------------------------- generation
@@ -54,13 +60,16 @@ async def _generate(
     )
 
 
-@router.post("/txt2img", response_model=ImageResponse)
-async def txt2img(payload: Txt2ImgRequest, request: Request, engine: EngineDep) -> ImageResponse:
+GENERATION_ERRORS = (400, 413, 422, 500, 503)
+
+
+@router.post("/txt2img", response_model=ImageResponse, responses=error_responses(*GENERATION_ERRORS))
+async def txt2img(payload: Txt2ImgRequest, request: Request, engine: GenerationEngineDep) -> ImageResponse:
     return await _generate("txt2img", payload, request, engine)
 
 
-@router.post("/img2img", response_model=ImageResponse)
-async def img2img(payload: Img2ImgRequest, request: Request, engine: EngineDep) -> ImageResponse:
+@router.post("/img2img", response_model=ImageResponse, responses=error_responses(404, *GENERATION_ERRORS))
+async def img2img(payload: Img2ImgRequest, request: Request, engine: GenerationEngineDep) -> ImageResponse:
     return await _generate("img2img", payload, request, engine)
 
 
@@ -83,12 +92,12 @@ async def skip(engine: EngineDep) -> None:
 
 
 # ---------------------------------------------------------------------------- options
-@router.get("/options")
+@router.get("/options", responses=error_responses(503))
 async def get_options(engine: ReadyEngineDep) -> Any:
     return engine.get_options()
 
 
-@router.post("/options")
+@router.post("/options", responses=error_responses(400, 413, 422, 500, 503))
 async def set_options(engine: ReadyEngineDep, changes: dict[str, Any] = Body(...)) -> None:  # noqa: B008
     """Accepts the whole GET dict back; unknown and read-only keys are ignored; returns null."""
     await asyncio.to_thread(engine.set_options, changes)
@@ -191,25 +200,29 @@ for _path in ("/unload-checkpoint", "/reload-checkpoint"):
 
 
 # ---------------------------------------------------------------------------- png-info
-@router.post("/png-info", response_model=PNGInfoResponse)
+@router.post("/png-info", response_model=PNGInfoResponse, responses=error_responses(400, 413, 422))
 async def png_info_route(payload: PNGInfoRequest) -> Any:
     return await asyncio.to_thread(png_info, payload.image)
 
 
 # ---------------------------------------------------------------------------- interrogate
-INTERROGATE_UNAVAILABLE = (
-    "Image interrogation is not available: this service runs only the SD1.5-LCM generation models "
-    "(no CLIP/DeepDanbooru models are loaded)"
-)
+@router.post("/interrogate", response_model=InterrogateResponse, response_model_exclude_unset=True,
+             responses=error_responses(400, 404, 413, 500, 501, 503))
+async def interrogate(payload: InterrogateRequest, request: Request, engine: EngineDep) -> Any:
+    """CLIP tags of the image on the NPU worker: A1111's `{caption}` plus `interrogations`.
+
+    A1111's 404s for a missing image and a model other than `clip` (deepdanbooru is not served);
+    501 when no CLIP models are loaded; 400 for an undecodable image."""
+    if payload.image is not None and payload.image != "" and payload.model != CLIP_MODEL:
+        raise RequestError("model", "Model not found", status_code=404)
+    return await engine.interrogate(payload.image, is_disconnected=request.is_disconnected)
 
 
-@router.post("/interrogate")
-async def interrogate() -> Any:
-    """501 in A1111's error shape, as the upstream service answered without its CLIP models."""
-    raise FeatureUnavailableError(INTERROGATE_UNAVAILABLE)
-
-
-@router.post("/interrogate/structured")
-async def interrogate_structured() -> Any:
-    """The upstream service's structured variant: also 501 (the picker falls back on any error)."""
-    raise FeatureUnavailableError(INTERROGATE_UNAVAILABLE)
+@router.post("/interrogate/structured", response_model=StructuredInterrogateResponse,
+             response_model_exclude_unset=True, responses=error_responses(400, 404, 413, 500, 501, 503))
+async def interrogate_structured(payload: StructuredInterrogateRequest, request: Request,
+                                 engine: EngineDep) -> Any:
+    """The upstream service's category route: winner and confidence per category, general tags;
+    400 naming the limit when the categories exceed one."""
+    return await engine.interrogate(payload.image, payload.categories, structured=True,
+                                    is_disconnected=request.is_disconnected)

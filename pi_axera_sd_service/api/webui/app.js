@@ -282,8 +282,12 @@ async function control(path) {
 async function interrogate() {
   if (!state.initImage) { showMessage("Pick an image to interrogate first."); return; }
   try {
+    showMessage("");
     const result = await api("sdapi/v1/interrogate", { image: state.initImage, model: "clip" });
     $("prompt").value = result.caption;
+    if (result.tags_complete === false) {
+      showMessage(`Tags are still being prepared (${result.tags_prepared}); the caption uses those ready.`, "busy");
+    }
   } catch (err) { showMessage(err.message); }
 }
 
