@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     api_auth: str | None = Field(
         None, description="user:pass[,user2:pass2] enables HTTP Basic on every route"
     )
+    api_keys: str | None = Field(
+        None, description="key1[,key2] enables `Authorization: Bearer <key>` on every route (OpenAI clients)"
+    )
     auth_health: bool = Field(False, description="Also require auth on /health and /internal/ping")
     cors_allow_origins: str | None = Field(None, description="Comma-separated allowed CORS origins")
     cors_allow_origins_regex: str | None = Field(None, description="Regex of allowed CORS origins")

@@ -154,7 +154,7 @@ def settings_factory(demo_pack: Path, tmp_path: Path) -> Callable[..., Settings]
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "model_dir": demo_pack, "backend": "onnxruntime", "demo": False, "api_auth": None,
-            "cors_allow_origins": None, "cors_allow_origins_regex": None,
+            "api_keys": None, "cors_allow_origins": None, "cors_allow_origins_regex": None,
             "state_dir": tmp_path / "state", "output_dir": tmp_path / "out", "cache_dir": tmp_path / "cache",
         }
         values.update(overrides)

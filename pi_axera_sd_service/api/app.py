@@ -22,9 +22,9 @@ from ..pipeline.stages import StageError
 from ..service.engine import Engine
 from ..service.errors import ServiceError
 from ..settings import Settings
-from .errors import a1111_body, describe, error_response
-from .middleware import BasicAuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware, Scope
-from .routers import generate, internal, sdapi, ui
+from .errors import ApiError, a1111_body, describe, error_response, in_added_family
+from .middleware import AuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware, Scope
+from .routers import generate, internal, openai, sdapi, ui
 
 
 def _route_label_for(app: FastAPI, routers: list[APIRouter]):
@@ -61,6 +61,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if in_added_family(request.url.path):  # e.g. OpenAI clients read error.message, even on a 404
+            err = ApiError(exc.status_code, str(exc.detail), "HTTPException", headers=dict(exc.headers or {}))
+            return error_response(request.url.path, err)
         if _is_sdapi(request) and "route" in request.scope:  # unmatched paths keep {"detail": "Not Found"}
             body = a1111_body(exc.detail, "HTTPException", exc.status_code)
             return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
@@ -124,15 +127,15 @@ def create_app(
     app = FastAPI(title="pi_axera_sd_service", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.engine = engine
-    routers = [generate.router, sdapi.router, internal.router, *ui.routers(settings)]
+    routers = [generate.router, sdapi.router, internal.router, openai.router, *ui.routers(settings)]
     for router in routers:
         app.include_router(router)
     _install_error_handlers(app)
 
     # add_middleware puts the last one outermost: log -> CORS -> auth -> body limit -> routes
     app.add_middleware(BodyLimitMiddleware, settings=settings, metrics=engine.metrics)
-    if settings.api_auth:
-        app.add_middleware(BasicAuthMiddleware, settings=settings)
+    if settings.api_auth or settings.api_keys:
+        app.add_middleware(AuthMiddleware, settings=settings)
     cors = _cors_kwargs(settings)
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)

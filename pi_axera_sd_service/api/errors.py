@@ -3,8 +3,8 @@
 `describe(exc)` turns a service error (service/errors.py) or a model stage failure into an
 ApiError; the family of the request path then shapes the body: `{status: "error", error}` for
 /generate (every client error a 400, as upstream), A1111's `{error, detail, body, errors}` for
-everything else. `add_error_family` is the hook for another family (e.g. OpenAI's `{"error": {...}}`
-under /v1/).
+everything else. `add_error_family` is the hook for another family (routers/openai.py adds OpenAI's
+`{"error": {...}}` under /v1/).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class ApiError:
     error: str                   # the error's name (A1111 `error`)
     client_error: bool = False   # the request was wrong (RequestError and its subclasses)
     headers: dict[str, str] = field(default_factory=dict)
+    field: str | None = None     # the request field at fault (RequestError.field)
 
 
 Shape = Callable[[ApiError], tuple[int, dict[str, Any]]]   # -> (status, body)
@@ -36,9 +37,10 @@ Shape = Callable[[ApiError], tuple[int, dict[str, Any]]]   # -> (status, body)
 
 def describe(exc: BaseException) -> ApiError | None:
     """The ApiError of a service error or a stage failure; None for anything else (a server fault)."""
+    if isinstance(exc, RequestError):
+        return ApiError(exc.status_code, exc.message, exc.error_name, True, dict(exc.headers), exc.field)
     if isinstance(exc, ServiceError):
-        return ApiError(exc.status_code, exc.message, exc.error_name, isinstance(exc, RequestError),
-                        dict(exc.headers))
+        return ApiError(exc.status_code, exc.message, exc.error_name, headers=dict(exc.headers))
     if isinstance(exc, PromptError):  # a prompt that reached the pipeline unchecked (e.g. from infotext)
         return ApiError(400, str(exc), "HTTPException", client_error=True)
     if isinstance(exc, StageError):
@@ -65,11 +67,20 @@ def generate_shape(err: ApiError) -> tuple[int, dict[str, Any]]:
 _FAMILIES: list[tuple[Callable[[str], bool], Shape]] = [
     (lambda path: path == "/generate", generate_shape),
 ]
+_BUILT_IN_SHAPES = (a1111_shape, generate_shape)
 
 
 def add_error_family(matches: Callable[[str], bool], shape: Shape) -> None:
-    """Give the paths `matches` accepts their own error body shape (checked before the others)."""
+    """Give the paths `matches` accepts their own error body shape (checked before the others).
+
+    An added family also shapes what the built-in ones leave as they are: Starlette's HTTP errors
+    (404, 405) and the 401 of the auth middleware."""
     _FAMILIES.insert(0, (matches, shape))
+
+
+def in_added_family(path: str) -> bool:
+    """Whether a family given by `add_error_family` claims `path`."""
+    return shape_for(path) not in _BUILT_IN_SHAPES
 
 
 def shape_for(path: str) -> Shape:
@@ -82,9 +93,17 @@ def error_response(path: str, err: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=err.headers or None)
 
 
-def client_error_body(path: str, status: int, message: str) -> dict[str, Any]:
-    """A 4xx body refused before routing (body checks, limits), in the shape of the route family."""
-    return shape_for(path)(ApiError(status, message, "HTTPException"))[1]
+def client_error_body(path: str, status: int, message: str, field: str | None = None) -> dict[str, Any]:
+    """A 4xx body refused before routing (body checks, limits), in the shape of the route family;
+    `field`: where in the body (e.g. `seed`, `init_images[0]`), when the check knows."""
+    return shape_for(path)(ApiError(status, message, "HTTPException", field=field))[1]
+
+
+def unauthorized_body(path: str, message: str) -> dict[str, Any]:
+    """The auth middleware's 401 body: A1111's (also on /generate, as upstream), an added family's own."""
+    if in_added_family(path):
+        return client_error_body(path, 401, message)
+    return a1111_body(message, "HTTPException", 401)
 
 
 def server_fault_body(path: str, exc: BaseException) -> dict[str, Any]:

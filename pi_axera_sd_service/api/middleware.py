@@ -1,5 +1,6 @@
-"""Pure ASGI middlewares: request id + one access-log line + request metrics, HTTP Basic auth,
-and the request body (size limit, read deadline, the one JSON parser; it keeps the body for the log)."""
+"""Pure ASGI middlewares: request id + one access-log line + request metrics, auth (HTTP Basic and
+Bearer keys), and the request body (size limit, read deadline, the one JSON parser; it keeps the
+body for the log)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any
 from ..service.metrics import REQUEST_LOG, ServiceMetrics, http_method_label
 from ..settings import Settings
 from .body import BodyError, parse_json_body
-from .errors import a1111_body, client_error_body, server_fault_body
+from .errors import client_error_body, server_fault_body, unauthorized_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -183,44 +184,57 @@ def _parameters(scope: Scope, body: bytes | None, parsed: Any) -> Any:
     return query or None
 
 
-# --- HTTP Basic auth -------------------------------------------------------------------------------
-def parse_credentials(api_auth: str) -> list[tuple[bytes, bytes]]:
-    """`user:pass[,user2:pass2]` -> [(user, pass)] (as A1111 splits it)."""
-    pairs = []
-    for entry in api_auth.split(","):
-        if entry.strip():
-            user, _, password = entry.strip().partition(":")
-            pairs.append((user.encode(), password.encode()))
-    return pairs
+# --- auth: HTTP Basic and Bearer keys --------------------------------------------------------------
+def parse_credentials(api_auth: str) -> list[bytes]:
+    """`user:pass[,user2:pass2]` -> [b"user:pass", ...]: what a Basic header decodes to (the user
+    ends at the first colon, as A1111 splits it; an entry without one has an empty password)."""
+    entries = [entry.strip().partition(":") for entry in api_auth.split(",") if entry.strip()]
+    return [f"{user}:{password}".encode() for user, _, password in entries]
 
 
-class BasicAuthMiddleware:
-    """401 in A1111's shape (with WWW-Authenticate) unless the Basic credentials match."""
+def parse_api_keys(api_keys: str) -> list[bytes]:
+    """`key1[,key2]` -> [key1, key2] (UTF-8 bytes, blanks dropped)."""
+    return [key.strip().encode() for key in api_keys.split(",") if key.strip()]
+
+
+def _any_matches(candidate: bytes, known: list[bytes]) -> bool:
+    """Constant time per entry: every entry is compared, no early exit."""
+    matched = False
+    for entry in known:
+        matched |= secrets.compare_digest(candidate, entry)
+    return matched
+
+
+class AuthMiddleware:
+    """401 unless the request carries matching HTTP Basic credentials (`api_auth`) or a Bearer key
+    (`api_keys`). The body is the route family's (A1111's; OpenAI's on /v1/*); WWW-Authenticate
+    names the scheme. Probes stay open unless `auth_health`."""
 
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
         self.credentials = parse_credentials(settings.api_auth or "")
+        self.keys = parse_api_keys(settings.api_keys or "")
         self.open_paths = () if settings.auth_health else OPEN_PATHS
+        self.challenge = "Basic" if self.credentials else "Bearer"
 
     def _authorized(self, header: str | None) -> str | None:
         """None when authorized, else the error detail."""
-        if not header or header[:6].lower() != "basic ":
+        scheme, _, value = (header or "").strip().partition(" ")
+        if scheme.lower() == "bearer" and self.keys:
+            token = value.strip().encode("latin-1")  # the bytes as sent (headers are decoded as latin-1)
+            return None if _any_matches(token, self.keys) else "Incorrect API key provided"
+        if scheme.lower() != "basic" or not self.credentials:
             return "Not authenticated"
         try:
-            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+            user_pass = base64.b64decode(value.strip(), validate=True)
         except (binascii.Error, ValueError):
             return "Not authenticated"
-        if not sep:
+        if b":" not in user_pass:
             return "Not authenticated"
-        matched = False
-        for known_user, known_password in self.credentials:  # no early exit: constant time per entry
-            user_ok = secrets.compare_digest(user, known_user)
-            password_ok = secrets.compare_digest(password, known_password)
-            matched |= user_ok and password_ok
-        return None if matched else "Incorrect username or password"
+        return None if _any_matches(user_pass, self.credentials) else "Incorrect username or password"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or not self.credentials or scope["method"] == "OPTIONS"
+        if (scope["type"] != "http" or not (self.credentials or self.keys) or scope["method"] == "OPTIONS"
                 or scope["path"] in self.open_paths):
             await self.app(scope, receive, send)
             return
@@ -231,8 +245,8 @@ class BasicAuthMiddleware:
         record = REQUEST_LOG.get()
         if record is not None:
             record["error"] = problem
-        await send_json(send, 401, a1111_body(problem, "HTTPException", 401),
-                        {"WWW-Authenticate": "Basic"})
+        await send_json(send, 401, unauthorized_body(scope["path"], problem),
+                        {"WWW-Authenticate": self.challenge})
 
 
 # --- request body: size limit, read deadline, the one JSON parser ---------------------------------
@@ -283,7 +297,7 @@ class BodyLimitMiddleware:
                 parsed = (await asyncio.to_thread(parse_json_body, body) if len(body) > PARSE_OFF_LOOP_BYTES
                           else parse_json_body(body))
             except BodyError as exc:
-                await self._refuse(scope, send, 400, "bad_body", str(exc))
+                await self._refuse(scope, send, 400, "bad_body", str(exc), field=exc.path or None)
                 return
             scope.setdefault("state", {})[JSON_BODY_STATE_KEY] = parsed
             if record is not None:
@@ -335,12 +349,12 @@ class BodyLimitMiddleware:
                 return
 
     async def _refuse(self, scope: Scope, send: Send, status: int, reason: str, message: str,
-                      close: bool = False) -> None:
+                      close: bool = False, field: str | None = None) -> None:
         self.metrics.reject(reason)
         record = REQUEST_LOG.get()
         if record is not None:
             record["error"] = message
-        await send_json(send, status, client_error_body(scope["path"], status, message),
+        await send_json(send, status, client_error_body(scope["path"], status, message, field),
                         {"Connection": "close"} if close else None)
 
 

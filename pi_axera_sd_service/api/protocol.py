@@ -11,12 +11,13 @@ parser's checks (`FreeForm`), so no value can overflow, fail to serialize or rec
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, ValidationError, ValidationInfo
 
 from ..pipeline.prompt_parser import check_prompt_text
 from ..service.capabilities import DEFAULT_DENOISING_STRENGTH
+from ..service.errors import RequestError
 from .body import check_json_value
 
 INT_LIMIT = 2**31 - 1     # sizes, steps, counts, modes: far beyond any clamp, far below float overflow
@@ -43,6 +44,25 @@ FreeForm = Annotated[Any, AfterValidator(_checked)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_checked)]
 JsonList = Annotated[list[Any], AfterValidator(_checked)]
 Prompt = Annotated[str, AfterValidator(_prompt_checked)]
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validated(model: type[Model], body: Any) -> Model:
+    """A body read by hand (routes that answer 400, not FastAPI's 422) as `model`: RequestError (400)
+    when it is not a JSON object or breaks the schema (the field is the first one at fault, the
+    message lists every problem)."""
+    if not isinstance(body, dict):
+        raise RequestError("body", "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}"
+                 for e in errors]
+        field = str(errors[0]["loc"][0]) if errors and errors[0].get("loc") else "body"
+        raise RequestError(field, "; ".join(parts)) from None
 
 
 class _Lenient(BaseModel):

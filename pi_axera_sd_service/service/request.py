@@ -1,6 +1,7 @@
 """GenerationRequest: what a client asked for, translated from its route; nothing resolved yet.
 
-One translator per way in (`from_sdapi`, `from_generate`, `from_cli`) is where the routes differ
+One translator per way in (`from_sdapi`, `from_generate`, `from_cli`; `from_openai` in
+openai_request.py builds on the public helpers here) is where the routes differ
 (defaults, aliases, data-URI stripping). `CapabilityTable.apply` then turns the request into the
 frozen GenerationPlan that runs. None means "not sent: the table's default, never a warning".
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..pipeline.images import ImageDecodeError, PixelBudget, decode_image_b64
+from ..pipeline.images import ImageDecodeError, PixelBudget, decode_image_b64, decode_image_bytes
 from ..pipeline.prompt_parser import PromptError, check_prompt_text
 from ..settings import Settings
 from .errors import RequestError
@@ -81,12 +82,14 @@ def decode_init_image(
     value: Any, name: str, settings: Settings, target_size: tuple[int, int] | None = None,
     budget: PixelBudget | None = None,
 ) -> Image.Image:
-    """One raw base64 or data-URI string -> an RGB image; RequestError 400 naming `name` otherwise."""
-    if not isinstance(value, str):
+    """One raw base64 or data-URI string (or an uploaded file's bytes) -> an RGB image; RequestError
+    400 naming `name` otherwise."""
+    if not isinstance(value, (str, bytes)):
         raise RequestError(name, f"Invalid encoded image ({name}): expected a base64 string")
+    decode = decode_image_bytes if isinstance(value, bytes) else decode_image_b64
     try:
-        return decode_image_b64(value, settings.max_init_image_pixels, target_size,
-                                budget or PixelBudget(settings.max_request_pixels))
+        return decode(value, settings.max_init_image_pixels, target_size,  # type: ignore[arg-type]
+                      budget or PixelBudget(settings.max_request_pixels))
     except ImageDecodeError as exc:
         raise RequestError(name, f"Invalid encoded image ({name}): {exc}") from exc
 
@@ -115,8 +118,8 @@ def _check_prompt(name: str, value: Any, settings: Settings) -> str:
     return text
 
 
-def _given(payload: Mapping[str, Any], fields_set: Iterable[str]) -> dict[str, Any]:
-    """The fields the client explicitly sent with a non-null value."""
+def given_fields(payload: Mapping[str, Any], fields_set: Iterable[str]) -> dict[str, Any]:
+    """The fields the client explicitly sent with a non-null value (every translator starts here)."""
     return {k: payload[k] for k in fields_set if k in payload and payload[k] is not None}
 
 
@@ -124,12 +127,12 @@ def from_sdapi(
     mode: str, payload: Mapping[str, Any], fields_set: Iterable[str], settings: Settings
 ) -> GenerationRequest:
     """A1111 txt2img/img2img payload (model_dump of the protocol model) -> GenerationRequest."""
-    sent = _with_infotext(_given(payload, fields_set))
+    sent = _with_infotext(given_fields(payload, fields_set))
     sampler = sent.get("sampler_name") or sent.get("sampler_index")
     fields: dict[str, Any] = dict(
-        _common_fields(sent, settings), mode=mode, sampler_name=sampler or None,
+        common_fields(sent, settings), mode=mode, sampler_name=sampler or None,
         scheduler=sent.get("scheduler") or None, subseed=sent.get("subseed", -1),
-        subseed_strength=_float(sent, "subseed_strength", 0.0),
+        subseed_strength=float_field(sent, "subseed_strength", 0.0),
         send_images=bool(sent.get("send_images", True)), save_images=bool(sent.get("save_images", False)),
         task_id=sent.get("force_task_id"), override_settings=dict(sent.get("override_settings") or {}),
         script_name=sent.get("script_name") or None,
@@ -142,8 +145,8 @@ def from_sdapi(
         fields.update(
             warnings=[warning] if warning else [],
             init_images=images, mask_given=bool(payload.get("mask")) or bool(payload.get("latent_mask")),
-            denoising_strength=_float(sent, "denoising_strength", None),
-            resize_mode=_int(sent, "resize_mode", 0),
+            denoising_strength=float_field(sent, "denoising_strength", None),
+            resize_mode=int_field(sent, "resize_mode", 0),
         )
     return GenerationRequest(**fields)
 
@@ -197,14 +200,13 @@ def from_generate(
     payload: Mapping[str, Any], fields_set: Iterable[str], settings: Settings
 ) -> GenerationRequest:
     """Upstream `/generate` payload -> GenerationRequest (mode and prompt required; PNG output)."""
-    sent = _given(payload, fields_set)
+    sent = given_fields(payload, fields_set)
     mode = sent.get("mode")
     if mode not in MODES:
         raise RequestError("mode", f"mode is required and must be 'txt2img' or 'img2img', got {mode!r}")
-    if not isinstance(sent.get("prompt"), str) or not sent["prompt"].strip():
-        raise RequestError("prompt", "prompt is required and must be a non-empty string")
+    require_prompt(sent)
     fields: dict[str, Any] = dict(
-        _common_fields(sent, settings), mode=mode, samples_format="png",
+        common_fields(sent, settings), mode=mode, samples_format="png",
         sampler_name=sent.get("sampler_name") or None, task_id=sent.get("task_id"),
         save_images=settings.save_outputs,
     )
@@ -219,7 +221,7 @@ def from_generate(
             init_images=[decode_init_image(init, "init_image", settings, _asked_size(sent))],
             denoising_strength=UPSTREAM_DENOISING_STRENGTH if strength is None else _as_float(
                 strength, "denoising_strength"),
-            resize_mode=_int(sent, "resize_mode", 0),
+            resize_mode=int_field(sent, "resize_mode", 0),
         )
     return GenerationRequest(**fields)
 
@@ -240,7 +242,7 @@ def from_cli(
     sent = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
             "cfg_scale": cfg_scale}
     fields: dict[str, Any] = dict(
-        _common_fields({k: v for k, v in sent.items() if v is not None}, settings),
+        common_fields({k: v for k, v in sent.items() if v is not None}, settings),
         mode="img2img" if init_image is not None else "txt2img", samples_format="png", send_images=False,
     )
     if init_image is not None:
@@ -249,13 +251,21 @@ def from_cli(
     return GenerationRequest(**fields)
 
 
-def _common_fields(sent: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def require_prompt(sent: Mapping[str, Any]) -> None:
+    """RequestError (400) unless `prompt` was sent as a non-empty string (/generate, OpenAI)."""
+    if not isinstance(sent.get("prompt"), str) or not sent["prompt"].strip():
+        raise RequestError("prompt", "prompt is required and must be a non-empty string")
+
+
+def common_fields(sent: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """The GenerationRequest fields every route sends under the same names, checked (prompts, numbers)."""
     return dict(
         prompt=_check_prompt("prompt", sent.get("prompt"), settings),
         negative_prompt=_check_prompt("negative_prompt", sent.get("negative_prompt"), settings),
-        width=_int(sent, "width", None), height=_int(sent, "height", None), steps=_int(sent, "steps", None),
-        cfg_scale=_float(sent, "cfg_scale", None), seed=sent.get("seed", -1),
-        batch_size=_int(sent, "batch_size", 1), n_iter=_int(sent, "n_iter", 1),
+        width=int_field(sent, "width", None), height=int_field(sent, "height", None),
+        steps=int_field(sent, "steps", None), cfg_scale=float_field(sent, "cfg_scale", None),
+        seed=sent.get("seed", -1),
+        batch_size=int_field(sent, "batch_size", 1), n_iter=int_field(sent, "n_iter", 1),
     )
 
 
@@ -269,11 +279,13 @@ def _as_float(value: Any, name: str) -> float:
     return number
 
 
-def _float(sent: Mapping[str, Any], name: str, default: float | None) -> float | None:
+def float_field(sent: Mapping[str, Any], name: str, default: float | None) -> float | None:
+    """`sent[name]` as a finite float (`default` when not sent); RequestError (400) naming it otherwise."""
     return default if name not in sent else _as_float(sent[name], name)
 
 
-def _int(sent: Mapping[str, Any], name: str, default: int | None) -> int | None:
+def int_field(sent: Mapping[str, Any], name: str, default: int | None) -> int | None:
+    """`sent[name]` as an integer (`default` when not sent); RequestError (400) naming it otherwise."""
     if name not in sent:
         return default
     number = _as_float(sent[name], name)

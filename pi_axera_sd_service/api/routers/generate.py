@@ -11,22 +11,12 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 
-from ...service.errors import RequestError
 from ...service.request import from_generate
 from ..deps import GenerationEngineDep
-from ..protocol import GenerateErrorBody, GenerateRequest, GenerateResponse, error_responses
+from ..protocol import GenerateErrorBody, GenerateRequest, GenerateResponse, error_responses, validated
 
 router = APIRouter(responses=error_responses(401))   # 401 only with api_auth
-
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err.get("loc", ())) or "body"
-        parts.append(f"{field}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
 
 
 async def _payload(request: Request) -> GenerateRequest:
@@ -35,12 +25,7 @@ async def _payload(request: Request) -> GenerateRequest:
         body: Any = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         body = None
-    if not isinstance(body, dict):
-        raise RequestError("body", "the request body must be a JSON object")
-    try:
-        return GenerateRequest.model_validate(body)
-    except ValidationError as exc:
-        raise RequestError("body", _validation_message(exc)) from None
+    return validated(GenerateRequest, body)
 
 
 # The body is parsed by hand (upstream's 400s), so its schema is given to the docs explicitly.
