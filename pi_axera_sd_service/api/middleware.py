@@ -8,9 +8,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import json
 import logging
 import re
@@ -39,7 +36,6 @@ OPEN_PATHS = ("/internal/ping", "/health")
 QUIET_ROUTES = {"/sdapi/v1/progress", "/internal/progress", "/internal/ping", "/health", "/metrics"}
 DRAIN_FACTOR = 4                # read (and discard) oversize bodies up to this multiple of the limit
 PARSE_OFF_LOOP_BYTES = 1 << 20  # bodies above this are parsed on a thread (the loop keeps serving)
-TRIM_AFTER_BODY_BYTES = 1024  # after a body this large (it may carry init images), hand freed heap back
 JSON_BODY_STATE_KEY = "json_body"  # scope["state"][...]: the parsed, checked body (see parsed_json_body)
 BASE64_MIN_CHARS = 256
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
@@ -148,6 +144,8 @@ class RequestLogMiddleware:
             access_log.warning("request_id=%s method=%s route=%s status=%s (parameters not logged: %s)",
                                record.get("request_id"), http_method_label(scope["method"]), route,
                                status, type(exc).__name__)
+        finally:  # asyncio handles armed during the request keep its context (and this record) alive
+            record.clear()
 
     def _log(self, scope: Scope, record: dict[str, Any], route: str, status: int, ms: float) -> None:
         level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
@@ -155,7 +153,7 @@ class RequestLogMiddleware:
             return
         line: dict[str, Any] = {"request_id": record.pop("request_id"), "method": scope["method"],
                                 "route": route, "status": status, "ms": round(ms, 1)}
-        params = _parameters(scope, record.pop("_body", None), record.pop("_json", None))
+        params = _parameters(scope, record.pop("_body_bytes", 0), record.pop("_json", None))
         if params is not None:
             line["params"] = params
         line.update(record)
@@ -174,12 +172,12 @@ def _plain(value: Any) -> str:
     return value if isinstance(value, str) and " " not in value else json.dumps(value, default=str)
 
 
-def _parameters(scope: Scope, body: bytes | None, parsed: Any) -> Any:
+def _parameters(scope: Scope, body_bytes: int, parsed: Any) -> Any:
     """Redacted JSON body (as the body middleware parsed and checked it), or the query string."""
     if parsed is not None:
         return redact(parsed)
-    if body:
-        return f"<{len(body)} bytes>"
+    if body_bytes:
+        return f"<{body_bytes} bytes>"
     query = scope.get("query_string", b"").decode("latin-1")
     return query or None
 
@@ -291,7 +289,7 @@ class BodyLimitMiddleware:
             return
         record = REQUEST_LOG.get()
         if record is not None:
-            record["_body"] = body
+            record["_body_bytes"] = len(body)
         if body and _is_json(scope):
             try:
                 parsed = (await asyncio.to_thread(parse_json_body, body) if len(body) > PARSE_OFF_LOOP_BYTES
@@ -311,11 +309,7 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            if len(body) >= TRIM_AFTER_BODY_BYTES:  # its decoded images are garbage by now
-                await asyncio.to_thread(release_freed_heap)
+        await self.app(scope, replay, send)
 
     async def _read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body; None after answering 413 (or when the client disconnected)."""
@@ -356,22 +350,6 @@ class BodyLimitMiddleware:
             record["error"] = message
         await send_json(send, status, client_error_body(scope["path"], status, message, field),
                         {"Connection": "close"} if close else None)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None (musl, macOS: nothing to do)."""
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    return None
-
-
-def release_freed_heap() -> None:
-    """Give freed heap pages back to the OS: after a request that decoded large images, glibc keeps
-    them in its arenas (RSS stays high) unless asked (measured in bench/bench_memory.py)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _is_json(scope: Scope) -> bool:

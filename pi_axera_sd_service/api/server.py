@@ -9,6 +9,7 @@ On a signal: new jobs get 503, queued jobs get 503 at once, the running job may 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import signal
@@ -23,6 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..exit_codes import EXIT_FAILURE, EXIT_MODEL_LOAD, EXIT_OK
 from ..runtime.model_dir import Wrap
 from ..service.engine import Engine
+from ..service.host_memory import tune_malloc
 from ..settings import Settings, is_exposed
 from .app import create_app
 
@@ -78,7 +80,10 @@ class HeaderDeadlineProtocol(H11Protocol):
     def _arm_header_deadline(self) -> None:
         if self._header_deadline is not None:
             self._header_deadline.cancel()
-        self._header_deadline = self.loop.call_later(self.header_timeout, self._header_deadline_passed)
+        # An empty context: armed at the end of a response, the handle would otherwise keep that
+        # request's context (its log record) alive until it fires, even once cancelled.
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._header_deadline_passed,
+                                                     context=contextvars.Context())
 
     def _header_deadline_passed(self) -> None:
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
@@ -136,6 +141,8 @@ def server_config(settings: Settings, app: Any) -> uvicorn.Config:
 def run_server(settings: Settings, wrap: Wrap | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code. `wrap(role, session)` is for tests."""
     configure_logging(settings)
+    if settings.lean_memory:  # before any thread starts: every thread then shares the one arena
+        tune_malloc()
     if is_exposed(settings.host) and not settings.api_auth:
         log.warning("listening on %s without --api-auth: anyone who can reach this port can use the NPU "
                     "(set API_AUTH=user:pass or bind 127.0.0.1)", settings.host)
