@@ -11,7 +11,7 @@ The graphs are toys that behave like the real thing where a user would notice:
   weighted, so emphasis matters) plus the low frequencies of the noisy sample (so seeds and init images
   matter); it reads sqrt(alpha_bar) off the time row (a linear probe fitted on the table's rows of the LCM
   skeleton t = 20k - 1, where every LCM schedule lies), so with the LCM math the predicted x0 is that guess;
-- VAE decoder: 1x1 conv, tanh, smooth x8 upsampling; VAE encoder: its approximate inverse.
+- VAE decoder: a 1x1 channel mix, tanh, smooth x8 upsampling; VAE encoder: its approximate inverse.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from .contract import NUM_TRAIN_TIMESTEPS, TIMESTEPS
 from .demo_clip import write_demo_clip
 from .demo_graph import Graph, f32
 from .demo_tokenizer import write_tokenizer
+from .session import ModelLoadError
 
 PACK_VERSION = 1
 SEED = 20240615
@@ -181,10 +184,22 @@ def _unet(rng: np.random.Generator, table: np.ndarray, typical_context: np.ndarr
     )
 
 
+def _channel_mix(g: Graph, tensor: str, weight: np.ndarray, bias: np.ndarray) -> str:
+    """A 1x1 convolution on a [1,C,64,64] tensor, written as a MatMul over [C, 64*64].
+
+    As a Conv, onnxruntime's layout optimizer moves the decoder into its blocked channel layout:
+    the 512x512 upsample then runs on 8 padded channels (a 16 MB buffer and ≈10 ms per decode),
+    host work the real VAE decoder does not do on the NPU."""
+    channels_out, channels_in = weight.shape
+    flat = g.op("Reshape", tensor, g.const(np.array([channels_in, LATENT_HW * LATENT_HW], np.int64)))
+    mixed = g.op("Add", g.op("MatMul", g.const(f32(weight)), flat), g.const(f32(bias[:, None])))
+    return g.op("Reshape", mixed, g.const(np.array([1, channels_out, LATENT_HW, LATENT_HW], np.int64)))
+
+
 def _vae_decoder(weight: np.ndarray, bias: np.ndarray):
     g = Graph()
-    conv = g.op("Conv", "x", g.const(f32(weight[:, :, None, None])), g.const(f32(bias)))
-    up = g.op("Resize", g.op("Tanh", conv), "", g.const(f32([1, 1, 8, 8])), mode="linear")
+    mixed = _channel_mix(g, "x", weight, bias)
+    up = g.op("Resize", g.op("Tanh", mixed), "", g.const(f32([1, 1, 8, 8])), mode="linear")
     g.op("Identity", up, out="sample")
     size = LATENT_HW * 8
     return g.model(
@@ -200,9 +215,9 @@ def _vae_encoder(weight: np.ndarray, bias: np.ndarray):
     inverse = np.linalg.pinv(weight.astype(np.float64))  # [4,3]
     pooled = g.op("AveragePool", "image_sample", kernel_shape=[8, 8], strides=[8, 8])
     pre_tanh = g.op("Atanh", g.op("Clip", pooled, g.const(f32(-0.995)), g.const(f32(0.995))))
-    conv_weight = np.concatenate([inverse, np.zeros((4, 3))])[:, :, None, None]
-    conv_bias = np.concatenate([-inverse @ bias, np.full(4, -6.0)])
-    g.op("Conv", pre_tanh, g.const(f32(conv_weight)), g.const(f32(conv_bias)), out="latent_sample")
+    mix_weight = np.concatenate([inverse, np.zeros((4, 3))])
+    mix_bias = np.concatenate([-inverse @ bias, np.full(4, -6.0)])
+    g.op("Identity", _channel_mix(g, pre_tanh, mix_weight, mix_bias), out="latent_sample")
     size = LATENT_HW * 8
     return g.model(
         "demo_vae_encoder",
@@ -262,7 +277,10 @@ STAMP_FILE = "demo_pack.json"
 
 
 def demo_pack_dir(cache_dir: Path) -> Path:
-    """`<cache_dir>/demo_pack_v<N>`, generated on first use (temp dir + rename), regenerated if stale."""
+    """`<cache_dir>/demo_pack_v<N>`, generated on first use (temp dir + rename), regenerated if stale.
+
+    The pack is written by a child process: the server never imports onnx, and the generator's
+    memory (onnx, protobuf, float64 tables: ≈20 MiB) is not kept in the server's RSS."""
     cache_dir = Path(cache_dir)
     target = cache_dir / f"demo_pack_v{PACK_VERSION}"
     fingerprint = _generator_fingerprint()
@@ -272,7 +290,7 @@ def demo_pack_dir(cache_dir: Path) -> Path:
     building = Path(tempfile.mkdtemp(prefix=".demo_pack_", dir=cache_dir))
     building.chmod(0o755)  # mkdtemp makes it private; the pack is not secret
     try:
-        make_demo_pack(building)
+        _make_demo_pack_in_child(building)
         (building / STAMP_FILE).write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")
         if target.exists():  # stale pack: move it aside, then swap in the new one
             stale = Path(tempfile.mkdtemp(prefix=".stale_", dir=cache_dir))
@@ -289,6 +307,16 @@ def demo_pack_dir(cache_dir: Path) -> Path:
     return target
 
 
+def _make_demo_pack_in_child(folder: Path) -> None:
+    """`make_demo_pack(folder)` in a fresh interpreter; ModelLoadError with its stderr when it fails."""
+    done = subprocess.run([sys.executable, "-m", __name__, str(folder)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        raise ModelLoadError(f"writing the demo pack failed (exit {done.returncode}): {' '.join(tail)}",
+                             folder)
+
+
 def _stamp(folder: Path) -> str | None:
     try:
         stamp = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8"))
@@ -300,3 +328,7 @@ def _stamp(folder: Path) -> str | None:
 def describe_pack() -> str:
     """One line for logs: the pack version and fingerprint."""
     return f"demo pack {_generator_fingerprint()}"
+
+
+if __name__ == "__main__":  # the child process of demo_pack_dir
+    make_demo_pack(Path(sys.argv[1]))
