@@ -92,7 +92,7 @@ def check_json_value(value: Any, path: str = "", depth_left: int = MAX_JSON_DEPT
 
 
 def _check_text(text: Any, where: str, is_key: bool = False) -> None:
-    if not isinstance(text, str):
+    if not isinstance(text, str) or text.isascii():  # isascii is O(1): a base64 image is not scanned
         return
     bad = _LONE_SURROGATE.search(text)
     if bad is not None:

@@ -6,7 +6,6 @@ infotext is stored where A1111 puts it (PNG `parameters` text chunk, EXIF UserCo
 
 from __future__ import annotations
 
-import base64
 import binascii
 import contextlib
 import io
@@ -17,6 +16,11 @@ import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+try:  # ISA-L's deflate: ≈5x faster than zlib at level 1, and a smaller file (bench_host.py)
+    from isal import isal_zlib
+except ImportError:  # optional: zlib gives the same pixels
+    isal_zlib = None
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 EXIF_IFD_POINTER = 0x8769
@@ -66,15 +70,29 @@ def decode_image_b64(data: str, max_pixels: int, target_size: tuple[int, int] | 
     a JPEG is decoded at the smallest DCT scale (1/2 .. 1/8) still covering the target in both
     directions, whatever its orientation; `budget` caps the decoded pixels of the whole request.
     """
+    return decode_image_bytes(_base64_payload(data), max_pixels, target_size, budget)
+
+
+def _base64_payload(data: str) -> bytes:
+    """The bytes of raw or data-URI base64; whitespace (wrapped lines) is allowed and ignored.
+
+    binascii reads the ASCII str in place (base64.b64decode copies it to bytes first); the common
+    single clean line is decoded without looking for whitespace first."""
+    text = _DATA_URI.sub("", data, count=1) if data[:5].lower() == "data:" else data
+    if text:
+        with contextlib.suppress(binascii.Error, ValueError):
+            return binascii.a2b_base64(_padded(text), strict_mode=True)
     text = _DATA_URI.sub("", "".join(data.split()))
     if not text:
         raise ImageDecodeError("empty image data")
     try:
-        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        return binascii.a2b_base64(_padded(text), strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageDecodeError(f"invalid base64 image data: {exc}") from exc
-    del text
-    return decode_image_bytes(raw, max_pixels, target_size, budget)
+
+
+def _padded(text: str) -> str:
+    return text + "=" * (-len(text) % 4)
 
 
 def decode_image_bytes(raw: bytes, max_pixels: int, target_size: tuple[int, int] | None = None,
@@ -108,7 +126,7 @@ def decode_image_bytes(raw: bytes, max_pixels: int, target_size: tuple[int, int]
     except Exception as exc:  # noqa: BLE001 - truncated data, broken chunks
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     with contextlib.suppress(Exception):  # unreadable EXIF: the pixels are fine, keep them as stored
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
     try:
         return _flatten_to_rgb(img)
     except Exception as exc:  # noqa: BLE001 - a mode PIL cannot convert
@@ -130,7 +148,12 @@ def _flatten_to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")
+    return _rgb(img)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """`img` itself when it is RGB already (PIL's convert would copy it), else its RGB conversion."""
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_image(img: Image.Image, mode: int, width: int, height: int) -> Image.Image:
@@ -138,7 +161,7 @@ def resize_image(img: Image.Image, mode: int, width: int, height: int) -> Image.
 
     Other modes are treated as 0. Modes 1 and 2 give A1111's pixels (within one level) on any size.
     """
-    img = img.convert("RGB")
+    img = _rgb(img)
     if mode not in (1, 2) or img.size == (width, height):
         return img.resize((width, height), Image.Resampling.LANCZOS)
     target_wider = width / height > img.width / img.height
@@ -207,17 +230,30 @@ def _fill_around(fitted: Image.Image, width: int, height: int) -> Image.Image:
     return canvas
 
 
-def image_to_nchw(img: Image.Image) -> np.ndarray:
-    """RGB image -> float32 [1, 3, H, W] in [-1, 1]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1)[None])
+def image_to_nchw(img: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB image -> float32 [1, 3, H, W] in [-1, 1], written into `out` when given (its shape)."""
+    hwc = np.asarray(_rgb(img))
+    if out is None:
+        out = np.empty((1, 3, *hwc.shape[:2]), dtype=np.float32)
+    np.divide(np.ascontiguousarray(hwc.transpose(2, 0, 1)), np.float32(127.5), out=out[0], dtype=np.float32)
+    out -= np.float32(1.0)
+    return out
 
 
-def nchw_to_image(x: np.ndarray) -> Image.Image:
-    """VAE output [1, C, H, W] (≈[-1, 1]) -> RGB image, as diffusers `VaeImageProcessor`."""
+def nchw_to_image(x: np.ndarray, overwrite: bool = False) -> Image.Image:
+    """VAE output [1, C, H, W] (≈[-1, 1]) -> RGB image, as diffusers `VaeImageProcessor`:
+    round(clip(x / 2 + 0.5, 0, 1) * 255), each step in float32 on one buffer (`x` itself when
+    `overwrite` and it is float32)."""
     chw = np.asarray(x, dtype=np.float32)[0, :3]
-    pixels = np.round(np.clip(chw / 2 + 0.5, 0.0, 1.0) * 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+    values = np.divide(chw, np.float32(2), out=chw if overwrite and chw.flags.writeable else None)
+    values += np.float32(0.5)
+    np.clip(values, np.float32(0.0), np.float32(1.0), out=values)
+    values *= np.float32(255)
+    np.round(values, out=values)
+    pixels = np.empty((*values.shape[1:], 3), dtype=np.uint8)
+    for channel in range(3):  # plane by plane: 5x faster than one strided cast of the transpose
+        pixels[:, :, channel] = values[channel]
+    return Image.fromarray(pixels, mode="RGB")
 
 
 def encode_image(
@@ -254,9 +290,9 @@ def encode_image(
 def encode_png_rgb(img: Image.Image, infotext: str | None = None, compress_level: int = 1) -> bytes:
     """An 8-bit RGB PNG with the infotext as PIL writes it (tEXt `parameters`, iTXt when not latin-1).
 
-    About twice as fast as PIL's encoder at the same size: every row uses the PNG "Up" filter
-    (computed with numpy) and the rows go through one zlib call. The pixels are the same; the file
-    bytes differ from PIL's (PIL picks a filter per row)."""
+    Several times faster than PIL's encoder at about the same size: every row uses the PNG "Up"
+    filter (computed with numpy) and the rows go through one `deflate` call. The pixels are the
+    same; the file bytes differ from PIL's (PIL picks a filter per row)."""
     pixels = np.asarray(img, dtype=np.uint8)
     height, width = pixels.shape[:2]
     rows = pixels.reshape(height, width * 3)
@@ -270,9 +306,19 @@ def encode_png_rgb(img: Image.Image, infotext: str | None = None, compress_level
             chunks.append(_png_chunk(b"tEXt", b"parameters\0" + infotext.encode("latin-1")))
         except UnicodeEncodeError:
             chunks.append(_png_chunk(b"iTXt", b"parameters\0\0\0\0\0" + infotext.encode("utf-8")))
-    chunks.append(_png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), compress_level)))
+    chunks.append(_png_chunk(b"IDAT", deflate(filtered, compress_level)))
     chunks.append(_png_chunk(b"IEND", b""))
     return PNG_SIGNATURE + b"".join(chunks)
+
+
+FAST_DEFLATE_LEVELS = range(1, 4)  # ISA-L's levels; 0 (stored) and 4-9 stay zlib's
+
+
+def deflate(data: bytes | np.ndarray, level: int) -> bytes:
+    """A zlib stream of `data` (any contiguous buffer) at `level` 0-9: ISA-L for 1-3 when installed."""
+    if isal_zlib is not None and level in FAST_DEFLATE_LEVELS:
+        return isal_zlib.compress(data, level)
+    return zlib.compress(data, level)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
