@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     save_outputs: bool = Field(False, description="Save every /generate image to OUTPUT_DIR (upstream did)")
     state_dir: Path = Field(Path("./state"), description="Persistent options (options.json)")
     lean_memory: bool = Field(
-        True, description="Flat RSS: glibc returns image-sized buffers at once, onnxruntime without "
-        "its arena (costs CPU per image)"
+        True, description="Flat RSS: one glibc arena that keeps small buffers warm and returns "
+        "image-sized ones at once; onnxruntime without its arena (service/host_memory.py)"
     )
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG responses (1: fast)")
 

@@ -30,7 +30,6 @@ from .errors import (
     ServiceUnavailableError,
     ShuttingDownError,
 )
-from .host_memory import tune_malloc
 from .interrogation import InterrogationService
 from .metrics import ServiceMetrics, note_request
 from .progress import INTERROGATE_JOB, ProgressState
@@ -198,8 +197,6 @@ class Engine:
 
         if self._started or self.devices:
             return
-        if self.settings.lean_memory:
-            tune_malloc()
         indexes = self.settings.devices
         backend = self.models.backend if self.models is not None else configured_model_files(self.settings)[1]
         count = device_count(backend)
