@@ -309,7 +309,10 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:  # uvicorn keeps the scope of a keep-alive connection's last request until the next
+            scope.get("state", {}).pop(JSON_BODY_STATE_KEY, None)
 
     async def _read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body; None after answering 413 (or when the client disconnected)."""
