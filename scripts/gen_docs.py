@@ -168,7 +168,8 @@ def _four_row_schedules() -> str:
 def _timesteps_row(table: dict[str, Any]) -> str:
     """The limits row saying which timesteps have a stored time input."""
     if table["time_table"]:
-        return "| timesteps stored | every timestep 0..999 (any LCM schedule) | `time_input_table.npy` |"
+        return ("| timesteps stored | the LCM skeleton t = 20k - 1 of the table (any LCM schedule) | "
+                "`time_input_table.npy` |")
     stored = ", ".join(str(t) for t in table["timesteps"])
     return f"| timesteps stored | {stored} | `time_input_txt2img.npy` |"
 

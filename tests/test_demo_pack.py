@@ -200,6 +200,16 @@ def test_pack_table_holds_the_four_rows(pack: Path, models: LoadedModels) -> Non
     np.testing.assert_array_equal(models.time_input(679), table[679:680])
 
 
+def test_only_the_lcm_skeleton_rows_of_the_table_stay_in_memory(pack: Path, models: LoadedModels) -> None:
+    """Every LCM schedule runs t = 20k - 1: 50 rows kept (256 KB per device instead of 5 MB)."""
+    table = np.load(pack / "time_input_table.npy")
+    assert models.time.rows.shape == (50, 1280) and models.time.rows.nbytes == 50 * 1280 * 4
+    for t in (19, 339, 679, 999):
+        np.testing.assert_array_equal(models.time_input(t), table[t : t + 1])
+    with pytest.raises(KeyError, match="timestep 500"):
+        models.time_input(500)
+
+
 def test_table_from_another_unet_is_refused(pack: Path, tmp_path: Path) -> None:
     import shutil
 

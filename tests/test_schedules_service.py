@@ -56,14 +56,20 @@ class UNetFeeds:
 
         return Recording()  # type: ignore[return-value]
 
-    def timesteps(self, rows: np.ndarray) -> list[int]:
-        """The timestep of each call: the index of the reference row it was fed."""
+    def timesteps(self, table: np.ndarray) -> list[int]:
+        """The timestep of each call: the index of the row of the full table it was fed."""
         found = []
         for fed in self.time_inputs:
-            matches = np.flatnonzero(np.all(rows == fed.reshape(1, -1), axis=1))
+            matches = np.flatnonzero(np.all(table == fed.reshape(1, -1), axis=1))
             assert len(matches) == 1, "a UNet call was fed a time input that is no row of the table"
             found.append(int(matches[0]))
         return found
+
+
+@pytest.fixture(scope="module")
+def demo_table(demo_pack: Path) -> np.ndarray:
+    """The demo pack's full time table: row t is the time input of timestep t."""
+    return np.load(demo_pack / "time_input_table.npy")
 
 
 @pytest.fixture(scope="module")
@@ -109,35 +115,35 @@ def test_demo_pack_has_a_time_table_and_the_copy_does_not(demo_models, no_table_
     assert demo_models.time.full and not no_table_models.time.full
 
 
-def test_a_folder_with_a_table_runs_seven_steps_on_the_diffusers_schedule(serve, demo_models):
+def test_a_folder_with_a_table_runs_seven_steps_on_the_diffusers_schedule(serve, demo_models, demo_table):
     client, feeds = serve(demo_models)
     info = _txt2img(client, steps=7)
     assert info["steps"] == 7 and info["warnings"] == []
     assert "Steps: 7," in info["infotexts"][0]
     assert len(feeds.time_inputs) == 7
-    assert feeds.timesteps(demo_models.time.rows) == DIFFUSERS_7
+    assert feeds.timesteps(demo_table) == DIFFUSERS_7
 
 
-def test_a_folder_with_a_table_clamps_at_max_steps(serve, demo_models):
+def test_a_folder_with_a_table_clamps_at_max_steps(serve, demo_models, demo_table):
     client, feeds = serve(demo_models)
     info = _txt2img(client, steps=20)
     assert info["steps"] == 8 and info["warnings"] == ["steps 20 is not supported (1–8); ran 8"]
-    assert feeds.timesteps(demo_models.time.rows) == DIFFUSERS_8
+    assert feeds.timesteps(demo_table) == DIFFUSERS_8
     caps = client.get("/capabilities").json()
     assert (caps["time_table"], caps["max_steps"], caps["schedules"]["7"]) == (True, 8, DIFFUSERS_7)
 
 
-def test_three_steps_with_a_table_run_diffusers_timesteps(serve, demo_models):
+def test_three_steps_with_a_table_run_diffusers_timesteps(serve, demo_models, demo_table):
     client, feeds = serve(demo_models)
     assert _txt2img(client, steps=3)["warnings"] == []
-    assert feeds.timesteps(demo_models.time.rows) == [999, 679, 339]
+    assert feeds.timesteps(demo_table) == [999, 679, 339]
 
 
-def test_max_steps_setting_limits_the_table(serve, demo_models):
+def test_max_steps_setting_limits_the_table(serve, demo_models, demo_table):
     client, feeds = serve(demo_models, max_steps=5)
     info = _txt2img(client, steps=7)
     assert info["steps"] == 5 and info["warnings"] == ["steps 7 is not supported (1–5); ran 5"]
-    assert feeds.timesteps(demo_models.time.rows) == [999, 799, 599, 399, 199]
+    assert feeds.timesteps(demo_table) == [999, 799, 599, 399, 199]
 
 
 def test_a_folder_without_a_table_keeps_the_four_rows(serve, no_table_models, no_table_pack):
@@ -154,17 +160,21 @@ def test_a_folder_without_a_table_keeps_the_four_rows(serve, no_table_models, no
     assert (caps["time_table"], caps["max_steps"], caps["timesteps"]) == (False, 4, [999, 759, 499, 259])
 
 
-def test_the_pickers_seven_step_payload_runs_seven_steps_without_a_steps_warning(serve, demo_models):
+def test_the_pickers_seven_step_payload_runs_seven_steps_without_a_steps_warning(
+    serve, demo_models, demo_table
+):
     body = json.loads(PICKER_PAYLOAD.read_text(encoding="utf-8"))["body"]
     assert body["steps"] == 7 and body["cfg_scale"] > 1   # guidance: two UNet passes per step
     client, feeds = serve(demo_models)
     r = client.post("/generate", json=body)
     assert r.status_code == 200 and r.json()["status"] == "ok", r.text
     assert not [w for w in r.json()["warnings"] if "steps" in w], r.json()["warnings"]
-    assert feeds.timesteps(demo_models.time.rows) == [t for t in DIFFUSERS_7 for _ in (0, 1)]
+    assert feeds.timesteps(demo_table) == [t for t in DIFFUSERS_7 for _ in (0, 1)]
 
 
-def test_img2img_with_a_table_runs_the_tail_of_the_diffusers_schedule(serve, demo_models, tmp_path):
+def test_img2img_with_a_table_runs_the_tail_of_the_diffusers_schedule(
+    serve, demo_models, demo_table, tmp_path
+):
     import base64
     import io
 
@@ -180,4 +190,4 @@ def test_img2img_with_a_table_runs_the_tail_of_the_diffusers_schedule(serve, dem
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])
     assert info["warnings"] == [] and "Steps: 7," in info["infotexts"][0]
-    assert feeds.timesteps(demo_models.time.rows) == DIFFUSERS_7[-4:]   # round(0.5 × 7) = 4 (halves up)
+    assert feeds.timesteps(demo_table) == DIFFUSERS_7[-4:]   # round(0.5 × 7) = 4 (halves up)

@@ -133,7 +133,7 @@ class Pipeline:
         timesteps = [int(t) for t in job.timesteps]
         time = self.models.time
         if not timesteps or not all(time.has(t) for t in timesteps):
-            known = "0..999" if time.full else str(time.timesteps)
+            known = "the LCM skeleton t = 20k - 1" if time.full else str(time.timesteps)
             raise ValueError(f"timesteps must be a non-empty subset of {known}, got {timesteps}")
         timer = _Timer()
         warnings: list[str] = []

@@ -14,10 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..runtime.contract import TIMESTEPS
+from ..runtime.contract import NUM_TRAIN_TIMESTEPS, ORIGINAL_INFERENCE_STEPS, TIMESTEPS
 
-NUM_TRAIN_TIMESTEPS = 1000
-ORIGINAL_INFERENCE_STEPS = 50  # LCM-LoRA's distillation skeleton: t = 20k - 1, k = 1..50
 BETA_START = 0.00085
 BETA_END = 0.012
 TIMESTEP_SCALING = 10.0

@@ -19,6 +19,10 @@ CONTEXT_SHAPE = (1, 77, 768)
 TIME_DIM = 1280
 NUM_TRAIN_TIMESTEPS = 1000
 TIME_TABLE_SHAPE = (NUM_TRAIN_TIMESTEPS, TIME_DIM)  # time_input_table.npy: a row for every t = 0..999
+ORIGINAL_INFERENCE_STEPS = 50  # LCM-LoRA's distillation skeleton: t = 20k - 1, k = 1..50
+# Every LCM schedule runs timesteps of the skeleton: the rows of a table the service keeps.
+LCM_SKELETON = tuple(range(NUM_TRAIN_TIMESTEPS // ORIGINAL_INFERENCE_STEPS - 1, NUM_TRAIN_TIMESTEPS,
+                           NUM_TRAIN_TIMESTEPS // ORIGINAL_INFERENCE_STEPS))
 TIME_ROWS_TOLERANCE = 1e-3  # a table and a four-row file from the same UNet agree far closer than this
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 AXMODEL_INPUT_IDS_RULE = "the .axmodel text encoder must take int32 input_ids (the published models do)"
@@ -181,25 +185,23 @@ def load_time_table(path: Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TimeInputs:
-    """The UNet's time input rows a model folder provides: a full table (every t = 0..999) or the four
-    upstream rows (999, 759, 499, 259). `full` decides which LCM schedules can run (pipeline.scheduler)."""
+    """The UNet's time input rows a model folder provides: from a full table (every t = 0..999) the
+    rows of the LCM skeleton, which every LCM schedule runs (50 rows: 256 KB instead of 5 MB per
+    device), or the four upstream rows (999, 759, 499, 259). `full` decides which LCM schedules
+    can run (pipeline.scheduler)."""
 
     rows: np.ndarray  # float32 [N,1280], row i for timesteps[i]
     timesteps: tuple[int, ...]
     source: Path
+    full: bool  # True when it came from a full table: any LCM schedule can run
 
     @classmethod
     def from_table(cls, table: np.ndarray, source: Path) -> TimeInputs:
-        return cls(table, tuple(range(len(table))), Path(source))
+        return cls(np.ascontiguousarray(table[list(LCM_SKELETON)]), LCM_SKELETON, Path(source), True)
 
     @classmethod
     def from_four_rows(cls, rows: np.ndarray, source: Path) -> TimeInputs:
-        return cls(rows, TIMESTEPS, Path(source))
-
-    @property
-    def full(self) -> bool:
-        """True when every training timestep has a row (any LCM schedule can run)."""
-        return len(self.timesteps) == NUM_TRAIN_TIMESTEPS
+        return cls(rows, TIMESTEPS, Path(source), False)
 
     @property
     def four_rows(self) -> np.ndarray:

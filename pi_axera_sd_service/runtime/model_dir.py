@@ -22,6 +22,7 @@ import numpy as np
 
 from .contract import (
     AXMODEL_INPUT_IDS_RULE,
+    TIME_TABLE_SHAPE,
     TIMESTEPS,
     TOKENIZER_FILES,
     TimeInputs,
@@ -421,8 +422,8 @@ def check_generation_models(files: ModelFiles, backend: str, device_id: int = 0)
         line("tokenizer", files.tokenizer_dir, status=str(exc))
     try:
         time = load_time(files)
-        covers = "every timestep 0..999" if time.full else "timesteps " + ", ".join(map(str, TIMESTEPS))
-        shape = format_shape_dtype(time.rows.shape, time.rows.dtype)
+        covers = "any LCM schedule" if time.full else "timesteps " + ", ".join(map(str, TIMESTEPS))
+        shape = format_shape_dtype(TIME_TABLE_SHAPE if time.full else time.rows.shape, time.rows.dtype)
         line("time_input", time.source, outputs=f"{shape} ({covers})")
     except ModelLoadError as exc:
         line("time_input", files.time_input_table or files.time_input_txt2img, status=str(exc))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..pipeline.images import resize_image
 from ..pipeline.scheduler import img2img_timesteps, max_schedule_steps, txt2img_timesteps
-from ..runtime.contract import NUM_TRAIN_TIMESTEPS, TIMESTEPS
+from ..runtime.contract import LCM_SKELETON, TIMESTEPS
 from ..settings import Settings
 from .errors import CapabilityError, RequestError
 from .options import WRITABLE_DEFAULTS, OptionsStore, known_option, validate_option
@@ -176,7 +176,7 @@ class CapabilityTable:
             "policy": "strict" if self.strict else "lenient",
             "image_size": {"width": self.image_size[0], "height": self.image_size[1]},
             "time_table": self.time_table,
-            "timesteps": list(range(NUM_TRAIN_TIMESTEPS)) if self.time_table else list(TIMESTEPS),
+            "timesteps": sorted(LCM_SKELETON, reverse=True) if self.time_table else list(TIMESTEPS),
             "max_steps": self.max_steps,
             "default_steps": self.default_steps,
             "schedules": {str(n): self.schedule(n) for n in range(1, self.max_steps + 1)},
