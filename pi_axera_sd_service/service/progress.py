@@ -8,8 +8,6 @@ are stored as PIL images and encoded lazily, in the reader's thread.
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 from collections import deque
@@ -19,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..pipeline.images import b64encode_text, encode_image
+
 FINISHED_TASKS_KEPT = 64
 PROGRESS_FLOOR = 0.01   # A1111 starts busy progress at 0.01 so that "busy" never reads as 0
 INTERROGATE_JOB = "interrogate"   # `job` while an interrogation runs (generation: scripts_<mode>)
@@ -26,9 +26,7 @@ INTERROGATE_JOB = "interrogate"   # `job` while an interrogation runs (generatio
 
 def encode_png_b64(image: Image.Image) -> str:
     """A preview as base64 PNG (fast, level 1)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return b64encode_text(encode_image(image, "png", png_compress_level=1))
 
 
 class TaskProgress:

@@ -5,7 +5,6 @@ Runs in the request's thread (FastAPI threadpool / asyncio.to_thread), never on 
 
 from __future__ import annotations
 
-import base64
 import os
 import uuid
 from collections.abc import Mapping
@@ -13,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..pipeline.images import encode_image
+from ..pipeline.images import b64encode_text, encode_image
 from .infotext import create_infotext, service_version
 from .options import DEFAULT_EMPHASIS, CheckpointInfo
 
@@ -138,7 +137,7 @@ def encode_result(
     paths: list[Path] = []
     if plan.save_images and output_dir is not None:
         paths = save_images(blobs, output_dir, plan.samples_format, result.job_timestamp, result.seeds)
-    images_b64 = [base64.b64encode(b).decode("ascii") for b in blobs] if plan.send_images else []
+    images_b64 = [b64encode_text(b) for b in blobs] if plan.send_images else []
     return EncodedResult(images_b64, infotexts, info_dict(result, infotexts, checkpoint), paths)
 
 
