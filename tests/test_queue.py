@@ -359,3 +359,25 @@ def test_parts_of_the_head_job_are_taken_in_order_before_the_next_job():
         assert queue.take(0) is None and queue.depth == 0
     finally:
         loop.close()
+
+
+def test_a_part_whose_device_was_lost_runs_again_first_and_only_once():
+    from pi_axera_sd_service.service.queue import Job, JobQueue
+
+    loop = asyncio.new_event_loop()
+    try:
+        queue = JobQueue(max_queue=4)
+        first = Job("generate", None, "task(a)", loop, loop.create_future(), parts=2)
+        second = Job("generate", None, "task(b)", loop, loop.create_future(), parts=1)
+        queue.put(first)
+        queue.put(second)
+        a0, a1 = queue.take(0), queue.take(0)
+        assert queue.requeue(a0)                  # its device was lost under part 0
+        assert not queue.done(a1)                 # part 0 still has to come back
+        rerun = queue.take(0)
+        assert (rerun.job, rerun.index) == (first, 0)   # before the job that waited behind it
+        assert not queue.requeue(rerun)           # a second loss fails it instead
+        assert queue.done(rerun) and queue.running == 0
+        assert queue.take(0).job is second and queue.depth == 0
+    finally:
+        loop.close()

@@ -33,7 +33,15 @@ from .errors import (
 from .interrogation import InterrogationService
 from .metrics import ServiceMetrics, note_request
 from .progress import INTERROGATE_JOB, ProgressState
-from .queue import DEVICE_LOST_AFTER_FAILURES, Job, JobQueue, Part, Worker, looks_like_device_loss
+from .queue import (
+    DEVICE_LOST_AFTER_FAILURES,
+    Job,
+    JobQueue,
+    Part,
+    PartRequeued,
+    Worker,
+    looks_like_device_loss,
+)
 from .runner import GenerationResult, JobRunner, PlanRun
 
 if TYPE_CHECKING:
@@ -457,7 +465,8 @@ class Engine:
 
     def _run_part(self, device: Device, part: Part) -> Any:
         """On `device`'s worker thread: one image of a plan, or one interrogation; counts failures for
-        the device-loss rule."""
+        the device-loss rule. An image whose device is lost under it runs again on another device
+        (once; PartRequeued), so a request survives the loss of one of several cards."""
         job = part.job
         assert device.runner is not None and job.kind in (GENERATE, INTERROGATE), job.kind
         if part.index == 0:
@@ -473,12 +482,16 @@ class Engine:
         except Exception as exc:
             device.failures += 1
             self.metrics.device_failures.labels(device=str(device.index)).inc()
+            if isinstance(exc, StageError):
+                self._note_stage_failure(device, exc)
+            if self._run_elsewhere(device, part):
+                log.warning("device %d was lost during image %d of %s: it runs again on another device",
+                            device.index, part.index, job.task_id)
+                raise PartRequeued(job.task_id) from exc
             if not job.failed:
                 self.metrics.jobs.labels(outcome="failed").inc()
             if job.kind == GENERATE:
                 job.context.abort()
-            if isinstance(exc, StageError):
-                self._note_stage_failure(device, exc)
             raise
         finally:
             device.busy = False
@@ -487,6 +500,11 @@ class Engine:
             device.images += 1
             self.metrics.device_images.labels(device=str(device.index)).inc()
         return ran
+
+    def _run_elsewhere(self, device: Device, part: Part) -> bool:
+        """Requeue an image whose device was just lost, when another device still serves."""
+        return (part.job.kind == GENERATE and device.lost is not None
+                and any(d.usable for d in self.devices) and self.queue.requeue(part))
 
     def _build_tags_slice(self) -> bool:
         """The first worker's idle work: one slice of the interrogation tag cache; True while more remains."""

@@ -33,6 +33,11 @@ DEVICE_LOST_PATTERN = re.compile(
 )
 
 
+class PartRequeued(Exception):
+    """Raised by `run_part` after `JobQueue.requeue(part)`: the part runs again on another worker
+    (its device was lost under it); the job is neither failed nor finished by this attempt."""
+
+
 def looks_like_device_loss(message: str) -> bool:
     """Heuristic on runtime error text: AXCLRT call failures or a device reported gone."""
     return bool(DEVICE_LOST_PATTERN.search(message))
@@ -44,7 +49,8 @@ class Job:
 
     `kind` tells the worker's `run_part` what `payload` is ("generate": a GenerationPlan); the queue
     itself never looks inside. A job has `parts` (a plan's images) that idle workers take one by one
-    in order, so one job may run on several devices at once; `context` is what its parts share."""
+    in order, so one job may run on several devices at once; `context` is what its parts share.
+    A part whose device was lost under it is taken again first (`rerun`), once."""
 
     kind: str
     payload: Any
@@ -58,6 +64,8 @@ class Job:
     failed: bool = False          # a part failed: the rest is not run and the job is not resolved
     claimed: int = 0              # parts handed to workers
     finished: int = 0             # parts returned by workers
+    rerun: deque[int] = field(default_factory=deque)   # parts to run again (their device was lost)
+    rerun_parts: set[int] = field(default_factory=set)  # parts that were requeued once already
 
     def resolve(self, result: Any) -> None:
         """Hand a result to the waiting handler (any thread)."""
@@ -167,11 +175,28 @@ class JobQueue:
             if job.started_at is None:
                 job.started_at = time.monotonic()
                 self._running.add(job)
-            part = Part(job, job.claimed)
-            job.claimed += 1
-            if job.claimed >= job.parts:
+            if job.rerun:
+                part = Part(job, job.rerun.popleft())
+            else:
+                part = Part(job, job.claimed)
+                job.claimed += 1
+            if job.claimed >= job.parts and not job.rerun:
                 self._waiting.popleft()
             return part
+
+    def requeue(self, part: Part) -> bool:
+        """Worker side: run `part` again on the next free worker (before any other job: it was
+        already running); False when it was requeued once already or its job failed."""
+        job = part.job
+        with self._cond:
+            if job.failed or part.index in job.rerun_parts:
+                return False
+            job.rerun_parts.add(part.index)
+            job.rerun.append(part.index)
+            if job not in self._waiting:
+                self._waiting.appendleft(job)
+            self._cond.notify_all()
+            return True
 
     def done(self, part: Part) -> bool:
         """Worker side: a part came back; True when it was the job's last one out."""
@@ -313,6 +338,8 @@ class Worker(threading.Thread):
         value: Any = None
         try:
             value = self.run_part(part)
+        except PartRequeued:   # another worker runs it: this attempt neither fails nor ends the job
+            return
         except Exception as exc:  # noqa: BLE001 - one failed job never stops the worker
             self.queue.abandon(job)
             job.fail(exc)
