@@ -192,7 +192,7 @@ def cmd_check_models(args: argparse.Namespace) -> int:
     if len(settings.devices) > 1:  # one device: check_models' own `device` line says it
         count = device_count(backend)
         print(describe_devices(settings.devices, backend, count))
-        check_device_indexes(settings.devices, count)   # ModelLoadError naming the index and the count
+        check_device_indexes(settings.devices, count, backend)   # ModelLoadError: the index and the count
     text_dir = files.tokenizer_dir.parent
     clip_files = resolve_clip_files(backend, text_model_dir=text_dir, **settings.clip_paths())
     ok = True

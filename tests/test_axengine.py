@@ -250,6 +250,19 @@ def test_bad_device_index_is_one_error_before_any_session(fake, pack: Path) -> N
     assert axengine.created == []
 
 
+def test_several_cards_give_the_same_out_of_range_words_as_one(fake, pack: Path, settings_factory) -> None:
+    from pi_axera_sd_service.service.engine import Engine
+
+    axengine = fake(devices=2)
+    settings = settings_factory(demo=False, model_dir=pack, backend="axengine", device_ids="0,2")
+    with pytest.raises(ModelLoadError) as err:
+        Engine(settings).start()
+    assert str(err.value) == (
+        "device index 2 is out of range: axengine found 2 AXCL card(s); set DEVICE_ID to 0..1"
+    )
+    assert axengine.created == []   # refused before any session
+
+
 def test_pyaxengine_prints_become_one_debug_line_per_model(fake, pack: Path, capsys, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="pi_axera_sd_service.runtime")
     fake(imported=False)

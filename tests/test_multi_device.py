@@ -267,14 +267,14 @@ def test_no_device_loaded_is_an_error_naming_each(demo_models, settings_factory)
 
 
 def test_out_of_range_device_index_names_index_and_count(demo_models, settings_factory, monkeypatch):
-    expected = r"device 3 is out of range: 2 NPU device\(s\) found \(indexes 0..1\)"
+    expected = r"^device index 3 is out of range: axengine found 2 NPU device\(s\); set DEVICE_ID to 0..1$"
     with pytest.raises(ModelLoadError, match=expected):
-        check_device_indexes((0, 3), 2)
-    check_device_indexes((0, 1), 2)
-    check_device_indexes((7,), None)   # onnxruntime: no limit
+        check_device_indexes((0, 3), 2, "onnxruntime")
+    check_device_indexes((0, 1), 2, "onnxruntime")
+    check_device_indexes((7,), None, "onnxruntime")   # onnxruntime: no limit
     monkeypatch.setattr(engine_module, "device_count", lambda backend: 2)
     engine = Engine(settings_factory(device_ids="0,2"), models=demo_models)
-    with pytest.raises(ModelLoadError, match="device 2 is out of range: 2 NPU"):
+    with pytest.raises(ModelLoadError, match="device index 2 is out of range: axengine found 2 NPU"):
         engine.start()
     assert not engine.devices   # nothing was loaded
 
@@ -320,4 +320,5 @@ def test_check_models_lists_the_devices_and_checks_each(demo_pack, monkeypatch, 
     monkeypatch.setattr(engine_module, "device_count", lambda backend: 1)
     assert main(["check-models", str(demo_pack)]) != 0
     err = capsys.readouterr().err
-    assert "device 1 is out of range: 1 NPU device(s) found (indexes 0..0)" in err and "Traceback" not in err
+    assert "device index 1 is out of range: axengine found 1 NPU device(s); set DEVICE_ID to 0" in err
+    assert "Traceback" not in err

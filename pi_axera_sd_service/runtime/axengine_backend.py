@@ -179,17 +179,27 @@ def check_device(index: int) -> str:
     """
     provider = default_provider()
     count = device_count(provider)
-    what = "AXCL card(s)" if provider == AXCLRT_PROVIDER else "on-board NPU"
+    what = device_noun(provider)
     if count is None:
         return f"{index} (card count unknown)"
     if count == 0:
         raise ModelLoadError(f"no AXCL card found (pyaxengine sees 0 devices); {AXCL_CHECKS}")
     if not 0 <= index < count:
-        valid = "0" if count == 1 else f"0..{count - 1}"
-        raise ModelLoadError(
-            f"device index {index} is out of range: axengine found {count} {what}; set DEVICE_ID to {valid}"
-        )
+        raise device_index_error(index, count, what)
     return f"{index} of {count} {what}"
+
+
+def device_noun(provider: str | None = None) -> str:
+    """What the provider's devices are called in messages: `AXCL card(s)` or `on-board NPU`."""
+    return "AXCL card(s)" if (provider or default_provider()) == AXCLRT_PROVIDER else "on-board NPU"
+
+
+def device_index_error(index: int, count: int, what: str) -> ModelLoadError:
+    """The one wording for a device index beyond the `count` devices axengine sees (count >= 1)."""
+    valid = "0" if count == 1 else f"0..{count - 1}"
+    return ModelLoadError(
+        f"device index {index} is out of range: axengine found {count} {what}; set DEVICE_ID to {valid}"
+    )
 
 
 # --- sessions ------------------------------------------------------------------------------------

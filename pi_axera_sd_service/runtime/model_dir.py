@@ -251,6 +251,13 @@ def open_model(role: str, path: Path, backend: str, device_id: int = 0, lean_mem
     return wrap(role, session) if wrap is not None else session
 
 
+def device_index_error(backend: str, index: int, count: int) -> ModelLoadError:
+    """The runtime's wording for an index beyond the `count` (>= 1) devices `backend` sees."""
+    from .axengine_backend import device_index_error, device_noun
+
+    return device_index_error(index, count, device_noun() if backend == "axengine" else "NPU device(s)")
+
+
 def check_device(backend: str, device_id: int) -> str | None:
     """Before any session: the NPU runtime starts and `device_id` exists (ModelLoadError naming the
     index and the device count otherwise). Returns e.g. `0 of 1 AXCL card(s)`; None on onnxruntime."""

@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..pipeline.stages import StageError
-from ..runtime.model_dir import count_devices
+from ..runtime.model_dir import count_devices, device_index_error
 from ..runtime.session import ModelLoadError
 from .errors import (
     ClientDisconnectedError,
@@ -108,15 +108,12 @@ def describe_devices(devices: tuple[int, ...], backend: str, count: int | None) 
     return f"devices: {', '.join(map(str, devices))} on {backend} ({found})"
 
 
-def check_device_indexes(devices: tuple[int, ...], count: int | None) -> None:
-    """ModelLoadError naming the first index out of range and the count."""
-    if count is None:
-        return
+def check_device_indexes(devices: tuple[int, ...], count: int | None, backend: str) -> None:
+    """ModelLoadError naming the first index out of range and the count, in the runtime's words
+    (with no count, or none found, the load reports it)."""
     for index in devices:
-        if index >= count:
-            found = f"indexes 0..{count - 1}" if count else "none"
-            raise ModelLoadError(f"device {index} is out of range: {count} NPU device(s) found ({found}); "
-                                 "check DEVICE_ID / DEVICE_IDS")
+        if count and index >= count:
+            raise device_index_error(backend, index, count)
 
 
 _THREAD = threading.local()
@@ -208,7 +205,7 @@ class Engine:
         indexes = self.settings.devices
         backend = self.models.backend if self.models is not None else configured_model_files(self.settings)[1]
         count = device_count(backend)
-        check_device_indexes(indexes, count)
+        check_device_indexes(indexes, count, backend)
         log.info("%s", describe_devices(indexes, backend, count))
         self.devices = [Device(index) for index in indexes]
         for device in self.devices:
